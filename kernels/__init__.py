@@ -1,0 +1,66 @@
+"""Fused JumpReLU SAE op: `kernels.jumprelu_sae` (shared/DESIGN.md, "The kernel contract").
+
+Hugging Face ships an unrelated PyPI package also imported as `kernels`; `require_ours()` lets
+callers fail loudly if that one shadows this package.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .reference import jumprelu_sae_reference
+
+IS_JUMPSCOPE_KERNELS = True
+BACKENDS = ("auto", "reference", "triton")
+
+
+@dataclass
+class SAEOutput:
+    loss: torch.Tensor   # mse + sparsity_coeff * l0
+    mse: torch.Tensor    # mean over the batch of ||x - x_hat||^2
+    l0: torch.Tensor     # mean over the batch of the number of active latents
+    x_hat: torch.Tensor  # [B, d]
+
+
+def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if x.is_cuda and triton_available() else "reference"
+    return backend
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def jumprelu_sae(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth: float = 1e-3,
+                 sparsity_coeff: float = 0.0, backend: str = "auto") -> SAEOutput:
+    """JumpReLU SAE forward; differentiable in the five parameters with DESIGN.md's STE gradients."""
+    backend = _resolve_backend(backend, x)
+    if backend == "reference":
+        loss, mse, l0, x_hat = jumprelu_sae_reference(x, W_enc, b_enc, threshold, W_dec, b_dec,
+                                                      bandwidth, sparsity_coeff)
+    else:
+        from .jumprelu_triton import jumprelu_sae_triton
+        loss, mse, l0, x_hat = jumprelu_sae_triton(x, W_enc, b_enc, threshold, W_dec, b_dec,
+                                                   bandwidth, sparsity_coeff)
+    return SAEOutput(loss=loss, mse=mse, l0=l0, x_hat=x_hat)
+
+
+def require_ours() -> None:
+    """Raise if `import kernels` found some other package (e.g. Hugging Face's `kernels`)."""
+    import kernels as imported
+    if not getattr(imported, "IS_JUMPSCOPE_KERNELS", False):
+        raise ImportError(
+            f"`import kernels` resolved to {getattr(imported, '__file__', imported)!r}, not this "
+            "project's kernels/ package (Hugging Face's `kernels` package shadows it?). Run from the "
+            "repository root or `pip uninstall kernels`.")
+
+
+__all__ = ["jumprelu_sae", "SAEOutput", "require_ours", "triton_available", "jumprelu_sae_reference"]
