@@ -1,0 +1,67 @@
+"""Dataclass schemas behind conf/eval.yaml, conf/export.yaml and conf/ablation.yaml.
+
+Registered in Hydra's ConfigStore so that a misspelt key or a wrong type fails before any work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class EvalConfig:
+    # A run folder, a sweep folder (one run folder per member), or a Gemma Scope params.npz.
+    run: str = MISSING
+    # The cache to evaluate on; default: the one recorded in the SAE's sae.json (required for params.npz).
+    cache: Optional[str] = None
+    # The site, for a params.npz (a run folder records its own; given here, they must agree).
+    layer: Optional[int] = None
+    sublayer: Optional[str] = None
+    # Report folder; default: <run>/eval (for a params.npz: <its folder>/eval_<file stem>).
+    out: Optional[str] = None
+    device: str = "cpu"
+    # Held-out tokens used for the reconstruction metrics (null: all of them).
+    max_tokens: Optional[int] = 1_048_576
+    # Held-out sequences re-run through the model for delta LM loss (0: skip delta LM loss).
+    delta_lm_sequences: int = 64
+    batch_sequences: int = 8
+    # A latent is dense when it fires on more than this fraction of held-out tokens.
+    dense_threshold: float = 0.1
+    # Bins per decade of the log10 firing-frequency histogram.
+    histogram_bins: int = 60
+    plots: bool = True
+    progress: bool = True
+
+
+@dataclass
+class ExportConfig:
+    run: str = MISSING
+    format: str = "gemmascope"          # gemmascope | saelens
+    out: str = MISSING
+    overwrite: bool = False
+    # SAELens metadata; default: what sae.json and the cache's provenance record.
+    model_name: Optional[str] = None
+    dataset: Optional[str] = None
+
+
+@dataclass
+class AblationConfig:
+    cache: str = MISSING
+    layer: int = MISSING
+    sublayer: str = MISSING
+    run_dir: str = MISSING
+    # Each arm is one architecture and sparsity penalty, trained at every sparsity level in its list.
+    arms: List[Dict[str, Any]] = field(default_factory=list)
+    # Hydra overrides passed to every member of the sweep (e.g. "train.total_tokens=2e5").
+    train_overrides: List[str] = field(default_factory=list)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(run="${..run_dir}"))
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="ablation_schema", node=AblationConfig)

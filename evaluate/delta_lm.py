@@ -1,0 +1,140 @@
+"""Delta LM loss: the model's next-token loss with an SAE's reconstruction spliced in at its site.
+
+Three forwards per batch of held-out sequences: clean, spliced (the site's activation replaced by the
+SAE's reconstruction) and zero-ablated (replaced by zeros). BOS positions are never touched: their
+activations are outliers no SAE is trained on. Reported: the cross-entropy of each, the increase
+over clean, the fraction of loss recovered (CE_zero - CE_spliced) / (CE_zero - CE_clean), and the
+mean per-token KL(clean || spliced).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, ContextManager, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+# splice(model, layer, sublayer, fn) -> context manager replacing the site's activation a by fn(a).
+Splice = Callable[[torch.nn.Module, int, str, Callable[[torch.Tensor], torch.Tensor]], ContextManager]
+
+
+@dataclass
+class DeltaLMResult:
+    n_sequences: int
+    n_predictions: int
+    ce_clean: float
+    ce_spliced: float
+    ce_zero: float
+    delta_ce: float              # ce_spliced - ce_clean
+    fraction_recovered: float    # (ce_zero - ce_spliced) / (ce_zero - ce_clean)
+    kl_spliced: float            # mean over predictions of KL(clean || spliced)
+    kl_zero: float               # mean over predictions of KL(clean || zero-ablated)
+
+    def to_dict(self) -> Dict[str, float]:
+        return asdict(self)
+
+
+def check_site(model: torch.nn.Module, layer: int, sublayer: str, d_in: int) -> None:
+    """Clear errors when the SAE's site does not exist in the model or has another width."""
+    from harvest.sites import SUBLAYERS, site_width
+    if sublayer not in SUBLAYERS:
+        raise ValueError(f"unknown sublayer {sublayer!r}; choose from {', '.join(SUBLAYERS)}")
+    config = model.config
+    n_layers = config.num_hidden_layers
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"the SAE's site is layer {layer}, but the model has layers 0..{n_layers - 1}")
+    width = site_width(config, sublayer)
+    if width != d_in:
+        raise ValueError(
+            f"width mismatch: the SAE reads {d_in}-dimensional activations but layer {layer} "
+            f"{sublayer} of the model ({getattr(config, '_name_or_path', '') or type(model).__name__}) "
+            f"is {width} wide: wrong model or wrong site for this SAE")
+
+
+def _losses(logits: torch.Tensor, targets: torch.Tensor, clean_logits: Optional[torch.Tensor],
+            rows_per_chunk: Optional[int] = None):
+    """Summed next-token cross-entropy and (given clean_logits) summed KL(clean || logits), in float64.
+
+    Logits of real Gemma are [batch, T, 256000]: log-softmax goes a chunk of rows at a time (~1 GB).
+    """
+    V = logits.shape[-1]
+    logits = logits.reshape(-1, V)
+    targets = targets.reshape(-1)
+    clean = clean_logits.reshape(-1, V) if clean_logits is not None else None
+    rows = rows_per_chunk or max(1, 2**28 // V)
+    ce_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
+    kl_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for i in range(0, logits.shape[0], rows):
+        logp = torch.log_softmax(logits[i:i + rows].float(), dim=-1)
+        ce_sum -= logp.gather(-1, targets[i:i + rows, None]).double().sum()
+        if clean is not None:
+            clean_logp = torch.log_softmax(clean[i:i + rows].float(), dim=-1)
+            kl_sum += (clean_logp.exp() * (clean_logp - logp)).sum(-1).double().sum()
+    return float(ce_sum), float(kl_sum)
+
+
+def _replace_non_bos(keep: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Splice function applying fn at the positions where keep is True, leaving BOS as it was."""
+    def apply(a: torch.Tensor) -> torch.Tensor:
+        if a.shape[:2] != keep.shape:
+            raise RuntimeError(f"site activation of shape {tuple(a.shape)} does not match the batch "
+                               f"of tokens {tuple(keep.shape)}")
+        return torch.where(keep[..., None], fn(a).to(a.dtype), a)
+    return apply
+
+
+def _sae_reconstruction(sae: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def reconstruct(a: torch.Tensor) -> torch.Tensor:
+        shape = a.shape
+        x = a.reshape(-1, shape[-1]).to(device=next(sae.parameters(), a).device, dtype=torch.float32)
+        return sae.decode(sae.encode(x)).reshape(shape).to(a.device)
+    return reconstruct
+
+
+@torch.no_grad()
+def delta_lm_loss(model: torch.nn.Module, tokens: torch.Tensor, layer: int, sublayer: str,
+                  sae: torch.nn.Module, bos_token_id: int, splice: Optional[Splice] = None,
+                  batch_sequences: int = 8, progress: bool = True) -> DeltaLMResult:
+    """Delta LM loss of `sae` at (layer, sublayer) on `tokens` ([n_sequences, T] token ids)."""
+    if splice is None:
+        from harvest.sites import splice
+    check_site(model, layer, sublayer, sae.d_in)
+    device = next(model.parameters()).device
+    tokens = tokens.long()
+    n_seq, T = tokens.shape
+    if T < 2:
+        raise ValueError("sequences need at least two tokens for next-token loss")
+    sums = dict(ce_clean=0.0, ce_spliced=0.0, ce_zero=0.0, kl_spliced=0.0, kl_zero=0.0)
+    reconstruct = _sae_reconstruction(sae)
+    model.eval()
+    bar = tqdm(total=n_seq, desc=f"delta LM loss L{layer} {sublayer}", unit="seq", disable=not progress)
+    for start in range(0, n_seq, batch_sequences):
+        batch = tokens[start:start + batch_sequences].to(device)
+        targets = batch[:, 1:]
+        keep = batch != bos_token_id
+        keep[:, 0] = False
+
+        clean = model(input_ids=batch).logits[:, :-1]
+        ce, _ = _losses(clean, targets, None)
+        sums["ce_clean"] += ce
+        for name, fn in (("spliced", reconstruct), ("zero", torch.zeros_like)):
+            with splice(model, layer, sublayer, _replace_non_bos(keep, fn)):
+                logits = model(input_ids=batch).logits[:, :-1]
+            ce, kl = _losses(logits, targets, clean)
+            del logits
+            sums[f"ce_{name}"] += ce
+            sums[f"kl_{name}"] += kl
+        del clean
+        bar.update(batch.shape[0])
+    bar.close()
+    n_pred = n_seq * (T - 1)
+    m = {k: v / n_pred for k, v in sums.items()}
+    denom = m["ce_zero"] - m["ce_clean"]
+    return DeltaLMResult(
+        n_sequences=n_seq, n_predictions=n_pred,
+        ce_clean=m["ce_clean"], ce_spliced=m["ce_spliced"], ce_zero=m["ce_zero"],
+        delta_ce=m["ce_spliced"] - m["ce_clean"],
+        fraction_recovered=(m["ce_zero"] - m["ce_spliced"]) / denom if denom != 0 else float("nan"),
+        kl_spliced=m["kl_spliced"], kl_zero=m["kl_zero"],
+    )

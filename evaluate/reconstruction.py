@@ -1,0 +1,107 @@
+"""Reconstruction metrics of one SAE on held-out activations, accumulated batch by batch.
+
+Everything is in raw activation units and excludes BOS rows (their norms are huge and no SAE is
+trained on them). FVU is the squared error over the total variance about the per-dimension mean,
+so a constant predictor of the mean scores 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+
+@dataclass
+class ReconstructionMetrics:
+    n_tokens: int
+    mse: float                      # mean over tokens of ||x - x_hat||^2
+    mse_normalised: float           # mse / mean ||x||^2 (the trainer's normalised space)
+    fvu: float
+    l0: float                       # mean number of active latents per token
+    dead_fraction: float            # latents that never fire on the held-out tokens
+    dense_fraction: float           # latents that fire on more than dense_threshold of them
+    dense_threshold: float
+    firing_frequency: List[float]   # per latent
+    mse_by_position: List[Optional[float]]   # per context position (None where only BOS)
+    fvu_by_position: List[Optional[float]]   # squared error over total variance, per position
+
+    def summary(self) -> Dict[str, float]:
+        """The scalar metrics (what a table row shows)."""
+        return {k: getattr(self, k) for k in
+                ("n_tokens", "mse", "mse_normalised", "fvu", "l0", "dead_fraction", "dense_fraction")}
+
+
+class ReconstructionAccumulator:
+    """Feed it [n_seq, T, d] activations with a [n_seq, T] keep-mask; read `result()` at the end."""
+
+    def __init__(self, d_sae: int, context_length: int, dense_threshold: float = 0.1):
+        self.d_sae, self.T, self.dense_threshold = d_sae, context_length, dense_threshold
+        f64 = dict(dtype=torch.float64)
+        self.n = 0
+        self.sq_err = torch.zeros((), **f64)
+        self.sq_norm = torch.zeros((), **f64)
+        self.sum_x: Optional[torch.Tensor] = None
+        self.active = torch.zeros(d_sae, **f64)
+        self.n_pos = torch.zeros(context_length, **f64)
+        self.sq_err_pos = torch.zeros(context_length, **f64)
+        self.sum_x_pos: Optional[torch.Tensor] = None
+        self.sq_norm_pos = torch.zeros(context_length, **f64)
+
+    @torch.no_grad()
+    def update(self, sae: torch.nn.Module, x: torch.Tensor, keep: torch.Tensor) -> None:
+        n_seq, T, d = x.shape
+        if T != self.T:
+            raise ValueError(f"expected sequences of {self.T} positions, got {T}")
+        x = x.float()
+        flat = x.reshape(-1, d)
+        f = sae.encode(flat)
+        x_hat = sae.decode(f)
+        keep_flat = keep.reshape(-1)
+        err = (flat - x_hat).double().pow(2).sum(-1) * keep_flat
+        sq_norm = flat.double().pow(2).sum(-1) * keep_flat
+        xs = flat.double() * keep_flat[:, None]
+        if self.sum_x is None:
+            self.sum_x = torch.zeros(d, dtype=torch.float64)
+            self.sum_x_pos = torch.zeros(T, d, dtype=torch.float64)
+        self.n += int(keep_flat.sum())
+        self.sq_err += err.sum()
+        self.sq_norm += sq_norm.sum()
+        self.sum_x += xs.sum(0)
+        self.active += ((f != 0) & keep_flat[:, None]).double().sum(0)
+        keep_d = keep.double()
+        self.n_pos += keep_d.sum(0)
+        self.sq_err_pos += err.view(n_seq, T).sum(0)
+        self.sq_norm_pos += sq_norm.view(n_seq, T).sum(0)
+        self.sum_x_pos += xs.view(n_seq, T, d).sum(0)
+
+    def result(self) -> ReconstructionMetrics:
+        if self.n == 0:
+            raise ValueError("no held-out non-BOS tokens to evaluate on")
+        n = self.n
+        total_var = self.sq_norm - self.sum_x.pow(2).sum() / n
+        freq = self.active / n
+        with torch.no_grad():
+            var_pos = self.sq_norm_pos - self.sum_x_pos.pow(2).sum(-1) / self.n_pos.clamp_min(1)
+        mse_pos: List[Optional[float]] = []
+        fvu_pos: List[Optional[float]] = []
+        for t in range(self.T):
+            if self.n_pos[t] == 0:
+                mse_pos.append(None)
+                fvu_pos.append(None)
+                continue
+            mse_pos.append(float(self.sq_err_pos[t] / self.n_pos[t]))
+            fvu_pos.append(float(self.sq_err_pos[t] / var_pos[t]) if var_pos[t] > 0 else None)
+        return ReconstructionMetrics(
+            n_tokens=n,
+            mse=float(self.sq_err / n),
+            mse_normalised=float(self.sq_err / self.sq_norm),
+            fvu=float(self.sq_err / total_var),
+            l0=float(self.active.sum() / n),
+            dead_fraction=float((freq == 0).double().mean()),
+            dense_fraction=float((freq > self.dense_threshold).double().mean()),
+            dense_threshold=self.dense_threshold,
+            firing_frequency=freq.tolist(),
+            mse_by_position=mse_pos,
+            fvu_by_position=fvu_pos,
+        )
