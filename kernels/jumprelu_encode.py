@@ -1,0 +1,117 @@
+"""Encoder GEMM with the JumpReLU threshold fused into its epilogue.
+
+pre = x @ W_enc + b_enc is computed tile by tile in registers (fp32 accumulation) and never written
+to memory. The epilogue keeps only the entries the rest of the op needs: latents that are *active*
+(pre > theta) or *near* the threshold (|pre - theta| < bandwidth/2, which the threshold's STE
+gradient needs even when the latent is off). Those entries are appended, in increasing latent
+order, to a per-(token, segment) list:
+
+    list_idx[b, s, k]   latent index of the k-th kept entry of token b in column segment s
+    list_pre[b, s, k]   its pre-activation (fp32); consumers recompute active/near from it
+    list_rank[b, s, k]  rank of token b among the tokens of its row block that kept that latent
+                        (lets the backward build a per-latent list with no atomics)
+    list_cnt[b, s]      number of kept entries;  act_cnt[b, s]  number of active ones (L0)
+    col_cnt[m, n]       number of kept entries of latent n among the tokens of row block m
+
+One program owns one row block and one column segment and walks the segment's column tiles in
+order, so every slot above has exactly one writer and the layout is the same bits on every run.
+A segment's list has room for every latent of the segment, so it can never overflow; only the
+first list_cnt slots are written.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def jumprelu_encode_kernel(
+    x_ptr, w_ptr, b_ptr, theta_ptr,
+    list_idx_ptr, list_pre_ptr, list_rank_ptr, list_cnt_ptr, act_cnt_ptr, col_cnt_ptr,
+    B, D, W, seg_width, half_bandwidth,
+    stride_xb, stride_xd, stride_wd, stride_wn,
+    N_SEG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    # Row stride of the list buffers is N_SEG * seg_width; one segment's list starts at slot 0.
+    list_base = (rows64 * N_SEG + pid_s) * seg_width
+    n_kept = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    n_active = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    seg_start = pid_s * seg_width
+    seg_end = tl.minimum(seg_start + seg_width, W)
+    ks = tl.arange(0, BLOCK_K)
+    for n0 in range(seg_start, seg_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < seg_end
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + ks
+            a = tl.load(x_ptr + rows64[:, None] * stride_xb + k[None, :] * stride_xd,
+                        mask=row_ok[:, None] & (k[None, :] < D), other=0.0)
+            w = tl.load(w_ptr + k[:, None] * stride_wd + cols[None, :] * stride_wn,
+                        mask=(k[:, None] < D) & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        theta = tl.load(theta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        pre = acc + bias[None, :]
+        valid = row_ok[:, None] & col_ok[None, :]
+        active = (pre > theta[None, :]) & valid
+        near = (tl.abs(pre - theta[None, :]) < half_bandwidth) & valid
+        keep = (active | near).to(tl.int32)
+        slot = n_kept[:, None] + tl.cumsum(keep, axis=1) - keep
+        rank = tl.cumsum(keep, axis=0) - keep
+        dst = list_base[:, None] + slot
+        kept = keep != 0
+        tl.store(list_idx_ptr + dst, (cols[None, :] + 0 * rows[:, None]).to(tl.int32), mask=kept)
+        tl.store(list_pre_ptr + dst, pre, mask=kept)
+        tl.store(list_rank_ptr + dst, rank, mask=kept)
+        tl.store(col_cnt_ptr + pid_m.to(tl.int64) * W + cols, tl.sum(keep, axis=0), mask=col_ok)
+        n_kept += tl.sum(keep, axis=1)
+        n_active += tl.sum(active.to(tl.int32), axis=1)
+    tl.store(list_cnt_ptr + rows64 * N_SEG + pid_s, n_kept, mask=row_ok)
+    tl.store(act_cnt_ptr + rows64 * N_SEG + pid_s, n_active, mask=row_ok)
+
+
+def jumprelu_encode(x, W_enc, b_enc, theta, bandwidth, *, n_seg, block_m, block_n, block_k,
+                    input_precision="ieee", num_warps=4, num_stages=3, alloc=torch.empty):
+    """Launch the encoder; returns the list buffers described in the module docstring."""
+    B, D = x.shape
+    W = W_enc.shape[1]
+    seg_width = triton.cdiv(triton.cdiv(W, n_seg), block_n) * block_n
+    n_seg = triton.cdiv(W, seg_width)
+    n_rb = triton.cdiv(B, block_m)
+    dev = x.device
+    out = dict(
+        list_idx=alloc((B, n_seg, seg_width), dtype=torch.int32, device=dev),
+        list_pre=alloc((B, n_seg, seg_width), dtype=torch.float32, device=dev),
+        list_rank=alloc((B, n_seg, seg_width), dtype=torch.int32, device=dev),
+        list_cnt=alloc((B, n_seg), dtype=torch.int32, device=dev),
+        act_cnt=alloc((B, n_seg), dtype=torch.int32, device=dev),
+        col_cnt=alloc((n_rb, W), dtype=torch.int32, device=dev),
+        n_seg=n_seg, seg_width=seg_width, block_m=block_m,
+    )
+    jumprelu_encode_kernel[(n_rb, n_seg)](
+        x, W_enc, b_enc, theta,
+        out["list_idx"], out["list_pre"], out["list_rank"], out["list_cnt"], out["act_cnt"],
+        out["col_cnt"],
+        B, D, W, seg_width, 0.5 * float(bandwidth),
+        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
+        N_SEG=n_seg, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        INPUT_PRECISION=input_precision, num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def jumprelu_encode_reference(x, W_enc, b_enc, theta, bandwidth):
+    """What the encoder's lists mean, densely: pre, active and kept (active or near) masks."""
+    pre = x.double() @ W_enc.double() + b_enc.double()
+    active = pre > theta.double()
+    near = (pre - theta.double()).abs() < 0.5 * bandwidth
+    return pre, active, active | near
