@@ -1,0 +1,151 @@
+"""The on-disk cache format, version 1 (shared/DESIGN.md, "The cache"): creating a cache, opening
+an existing one for resumption, and finalising its statistics.
+
+Only the process of rank 0 creates arrays and writes attributes; chunk data is written by the
+process that owns the chunk (chunk_writer.py). No two processes ever write one file.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from .sites import Site
+
+FORMAT_VERSION = 1
+STATS_GROUP = "chunk_stats"
+
+
+class CacheMismatch(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    sites: tuple[Site, ...]
+    widths: tuple[int, ...]
+    n_tokens: int
+    context_length: int
+    chunk_rows: int
+    storage_dtype: str          # "bfloat16" (uint16 bits) or "float32"
+    codec: str                  # none | zstd | blosc
+    checksum: bool
+
+    @property
+    def n_chunks(self) -> int:
+        return self.n_tokens // self.chunk_rows
+
+    @property
+    def itemsize(self) -> int:
+        return 2 if self.storage_dtype == "bfloat16" else 4
+
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes of activations before compression (the upper bound on disk)."""
+        return self.n_tokens * sum(self.widths) * self.itemsize
+
+    @property
+    def total_bytes(self) -> int:
+        return self.activation_bytes + 4 * self.n_tokens + sum(8 * (w + 2) * self.n_chunks for w in self.widths)
+
+
+def chunk_rows_for(chunk_tokens: int, context_length: int) -> int:
+    return max(1, -(-chunk_tokens // context_length)) * context_length
+
+
+def _compressors(codec: str, checksum: bool, itemsize: int):
+    from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
+    chosen = {
+        "none": [],
+        "zstd": [ZstdCodec(level=1)],
+        "blosc": [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle, typesize=itemsize)],
+    }
+    if codec not in chosen:
+        raise ValueError(f"codec={codec!r}: choose none, zstd or blosc")
+    return chosen[codec] + ([Crc32cCodec()] if checksum else [])
+
+
+def create_cache(path: str | Path, layout: CacheLayout, attributes: dict) -> zarr.Group:
+    """Create the group, every array (empty) and the attributes; nothing of it exists before."""
+    group = zarr.create_group(store=str(path), zarr_format=3, attributes=attributes)
+    config = {"write_empty_chunks": True}
+    group.create_array(name="tokens", shape=(layout.n_tokens,), chunks=(layout.chunk_rows,),
+                       dtype="int32", fill_value=0, compressors=_compressors(layout.codec, layout.checksum, 4),
+                       config=config)
+    dtype = "uint16" if layout.storage_dtype == "bfloat16" else "float32"
+    for site, width in zip(layout.sites, layout.widths):
+        group.create_array(name=site.key, shape=(layout.n_tokens, width), chunks=(layout.chunk_rows, width),
+                           dtype=dtype, fill_value=0,
+                           compressors=_compressors(layout.codec, layout.checksum, layout.itemsize),
+                           attributes={"storage_dtype": layout.storage_dtype}, config=config)
+        # Per chunk: sum of x over non-BOS rows (width), sum of ||x||^2, number of rows.
+        group.create_array(name=f"{STATS_GROUP}/{site.key}", shape=(layout.n_chunks, width + 2),
+                           chunks=(1, width + 2), dtype="float64", fill_value=0.0, compressors=None,
+                           config=config)
+    group.create_array(name="complete", shape=(layout.n_chunks,), chunks=(1,), dtype="bool",
+                       fill_value=False, compressors=None, config=config)
+    return group
+
+
+def _canonical(value):
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def check_compatible(path: str | Path, identity, expected: dict) -> zarr.Group:
+    """Open an existing cache for resumption, refusing one whose harvest identity (`identity(attrs)`,
+    everything that decides the bytes) differs from `expected`."""
+    group = zarr.open_group(str(path), mode="r+")
+    existing = dict(group.attrs)
+    if existing.get("format_version") != FORMAT_VERSION:
+        raise CacheMismatch(f"{path} holds a cache of format_version {existing.get('format_version')!r}; "
+                            f"this harvester writes version {FORMAT_VERSION}. Use another CACHE.")
+    have, want = _canonical(identity(existing)), _canonical(expected)
+    differing = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    if differing:
+        lines = [f"  {k}: the cache has {json.dumps(have.get(k))[:300]}, this run asks for "
+                 f"{json.dumps(want.get(k))[:300]}" for k in differing]
+        raise CacheMismatch(f"{path} already holds a harvest with a different configuration:\n"
+                            + "\n".join(lines)
+                            + "\nChoose another CACHE, or delete that one to start over. It was left untouched.")
+    return group
+
+
+def cache_exists(path: str | Path) -> bool:
+    return (Path(path) / "zarr.json").exists()
+
+
+def free_bytes(path: str | Path) -> int:
+    p = Path(path).resolve()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def bytes_on_disk(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def finalize_statistics(group: zarr.Group, layout: CacheLayout) -> dict[str, dict]:
+    """Reduce the per-chunk statistics (in chunk order, so any number of processes gives the same
+    bits) into each activation array's attributes. Call once every chunk is complete."""
+    summary = {}
+    for site in layout.sites:
+        stats = group[f"{STATS_GROUP}/{site.key}"][:]
+        total = stats.sum(axis=0)
+        n = total[-1]
+        mean = total[:-2] / n
+        msn = float(total[-2] / n)
+        attrs = {
+            "storage_dtype": layout.storage_dtype,
+            "mean_squared_norm": msn,
+            "variance": float(msn - float(np.dot(mean, mean))),   # E||x - E x||^2
+            "mean_norm": float(np.linalg.norm(mean)),
+            "statistics_rows": int(n),
+        }
+        group[site.key].attrs.update(attrs)
+        summary[site.key] = attrs
+    return summary

@@ -1,0 +1,76 @@
+"""Dataclass schemas behind conf/harvest.yaml, conf/model/*.yaml and conf/data/*.yaml.
+
+Registered in Hydra's ConfigStore so that a misspelt key or a wrong type fails before any work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # A Hugging Face hub id, a local checkpoint folder, or "embedded:tiny" (built locally, see tiny_model.py).
+    path: str = MISSING
+    revision: Optional[str] = None
+    # "auto": bfloat16 on GPU, float32 on CPU.
+    dtype: str = "auto"
+    # "auto": eager on CPU, flex_attention on GPU (sdpa cannot soft-cap attention logits).
+    attn_implementation: str = "auto"
+    context_length: int = 1024
+    harvest_tokens: int = 1_048_576       # the harvest's default n_tokens for this model
+    # Architecture of the embedded model, and of the real ones for benchmarks with random weights.
+    architecture: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    # bundled: the corpus shipped in harvest/corpus/; local: a file or folder of .txt/.jsonl/.parquet;
+    # hub: a Hugging Face dataset streamed by name.
+    kind: str = "bundled"
+    path: Optional[str] = None
+    dataset: Optional[str] = None
+    subset: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    # Documents are shuffled with this seed (hub datasets: within a streaming buffer of this many).
+    shuffle_buffer: int = 10_000
+
+
+@dataclass
+class HarvestConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    cache: str = MISSING
+    # "all", or a list such as "0,3,12" or "0-12".
+    layers: str = "all"
+    # "all", or a comma list of sublayer names (harvest.sites.SUBLAYERS).
+    sublayers: str = "all"
+    n_tokens: int = 1_048_576
+    context_length: Optional[int] = None   # default: the model's context_length
+    chunk_tokens: int = 8192              # rounded up to a multiple of the context length
+    batch_size: int = 8                   # sequences per forward pass
+    seed: int = 0
+    storage_dtype: str = "bfloat16"       # or float32
+    codec: str = "none"                   # none | zstd | blosc
+    checksum: bool = False                # crc32c on every chunk
+    write_queue: int = 2                  # chunks in flight to the background writer
+    device: str = "auto"                  # auto | cpu | cuda
+    progress: bool = True
+    # Refuse to start unless the disk keeps this much free after the cache is written.
+    min_free_bytes: int = 64 * 2**20
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="harvest_schema", node=HarvestConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+
+
+# Fields that do not change the cache's bytes: a resumed harvest may differ in these.
+RUNTIME_ONLY_FIELDS = ("write_queue", "device", "progress", "min_free_bytes", "batch_size")

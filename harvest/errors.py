@@ -1,0 +1,11 @@
+"""Errors that mean "your input is wrong": reported in one line, without a traceback."""
+from .cache_layout import CacheMismatch
+from .chunk_writer import HarvestWriteError
+from .documents import DataError
+from .model import ModelLoadError
+from .packing import CorpusTooSmall
+from .run import DiskSpaceError
+from .sites import SiteError
+
+USER_ERRORS = (CacheMismatch, HarvestWriteError, DataError, ModelLoadError, CorpusTooSmall,
+               DiskSpaceError, SiteError, ValueError)

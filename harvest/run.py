@@ -1,0 +1,204 @@
+"""The harvest: model + corpus -> a format-v1 activation cache, on one or several processes."""
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .cache_layout import (CacheLayout, bytes_on_disk, cache_exists, check_compatible, chunk_rows_for,
+                           create_cache, finalize_statistics, free_bytes, FORMAT_VERSION)
+from .chunk_writer import ChunkWriter, to_storage, from_storage
+from .config import RUNTIME_ONLY_FIELDS, HarvestConfig
+from .documents import describe, iter_documents
+from .model import load_model, load_model_config, resolve_device
+from .packing import CorpusTooSmall, iter_sequences
+from .sites import capture, forward_until, parse_layers, parse_sublayers, site_width, stored_sites
+
+
+class DiskSpaceError(RuntimeError):
+    pass
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def identity(attrs: dict) -> dict:
+    """What decides a cache's bytes: a resumed harvest must agree on all of it."""
+    harvest = {k: v for k, v in (attrs.get("harvest_config") or {}).items() if k not in RUNTIME_ONLY_FIELDS}
+    keys = ("format_version", "context_length", "chunk_rows", "n_tokens", "bos_token_id", "storage_dtype",
+            "sites", "model", "model_revision", "checkpoint_hash", "model_config", "data_source", "compute")
+    return {**{k: attrs.get(k) for k in keys}, "harvest_config": harvest}
+
+
+def _software() -> dict:
+    names = ("jumpscope", "torch", "transformers", "zarr", "numcodecs", "accelerate")
+    out = {}
+    for n in names:
+        try:
+            out[n] = importlib.metadata.version(n)
+        except importlib.metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def _distributed_state(device: torch.device):
+    from accelerate import PartialState
+    return PartialState(cpu=device.type == "cpu")
+
+
+def run_harvest(cfg: HarvestConfig) -> dict:
+    device = resolve_device(cfg.device)
+    state = _distributed_state(device)
+    if device.type == "cuda":
+        device = state.device
+    main = state.is_main_process
+    say = print if main else (lambda *a, **k: None)
+
+    # Everything that can be wrong is checked before the cache is touched.
+    with state.main_process_first():   # the embedded model is built once, by rank 0
+        hf_config = load_model_config(cfg.model)
+    layers = parse_layers(cfg.layers, hf_config.num_hidden_layers)
+    sublayers = parse_sublayers(cfg.sublayers)
+    sites = stored_sites(layers, sublayers)
+    last_layer = max(s.layer for s in sites)
+    ctx = cfg.context_length or cfg.model.context_length
+    if ctx < 2:
+        raise ValueError(f"context_length={ctx}: need at least 2 (BOS and one token)")
+    chunk_rows = chunk_rows_for(cfg.chunk_tokens, ctx)
+    n_tokens = -(-cfg.n_tokens // chunk_rows) * chunk_rows
+    layout = CacheLayout(sites=tuple(sites), widths=tuple(site_width(hf_config, s.sublayer) for s in sites),
+                         n_tokens=n_tokens, context_length=ctx, chunk_rows=chunk_rows,
+                         storage_dtype=cfg.storage_dtype, codec=cfg.codec, checksum=cfg.checksum)
+    if cfg.storage_dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"storage_dtype={cfg.storage_dtype!r}: choose bfloat16 or float32")
+
+    loaded = load_model(cfg.model, device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    sequences = iter_sequences(iter_documents(cfg.data, cfg.seed), tokenizer, ctx)
+    first = next(sequences, None)
+    if first is None:
+        raise CorpusTooSmall(f"the corpus ({describe(cfg.data)}) does not fill one sequence of {ctx} tokens")
+
+    harvest_config = asdict(cfg) | {"n_tokens": n_tokens, "context_length": ctx}
+    attrs = {
+        "format_version": FORMAT_VERSION,
+        "context_length": ctx,
+        "chunk_rows": chunk_rows,
+        "n_tokens": n_tokens,
+        "n_chunks": layout.n_chunks,
+        "bos_token_id": int(tokenizer.bos_token_id),
+        "storage_dtype": cfg.storage_dtype,
+        "codec": cfg.codec,
+        "checksum": cfg.checksum,
+        "sites": [s.key for s in sites],
+        "layers": layers,
+        "sublayers": sublayers,
+        "model": loaded.provenance["model"],
+        "model_revision": loaded.provenance["revision"],
+        "checkpoint_hash": loaded.provenance["checkpoint_hash"],
+        "model_config": loaded.provenance["model_config"],
+        "tokenizer": loaded.provenance["tokenizer"],
+        "compute": {k: loaded.provenance[k] for k in ("dtype", "attn_implementation", "device_type")},
+        "data_source": describe(cfg.data),
+        "harvest_config": harvest_config,
+        "software": _software(),
+    }
+
+    path = Path(cfg.cache)
+    resuming = cache_exists(path)
+    existing = bytes_on_disk(path) if resuming else 0
+    free = free_bytes(path)
+    say(f"harvest {cfg.model.name} ({cfg.model.path}) -> {path}{'  [resuming]' if resuming else ''}\n"
+        f"  {len(sites)} arrays over layers {layers[0]}..{last_layer}: {', '.join(sublayers)}\n"
+        f"  {n_tokens:,} tokens = {n_tokens // ctx:,} sequences of {ctx} = {layout.n_chunks} chunks of "
+        f"{chunk_rows} rows; {state.num_processes} process(es) on {device.type}\n"
+        f"  on disk: {_gb(layout.total_bytes)} ({cfg.storage_dtype}, codec {cfg.codec}; "
+        f"{_gb(existing)} already there), free: {_gb(free)}")
+    if layout.total_bytes - existing + cfg.min_free_bytes > free:
+        raise DiskSpaceError(f"not enough disk space at {path}: the cache needs "
+                             f"{_gb(layout.total_bytes - existing)} more, {_gb(free)} is free")
+
+    if main:
+        group = (check_compatible(path, identity, identity(attrs)) if resuming
+                 else create_cache(path, layout, attrs))
+    state.wait_for_everyone()
+    if not main:
+        import zarr
+        group = zarr.open_group(str(path), mode="r+")
+
+    complete = group["complete"][:]
+    rank, world = state.process_index, state.num_processes
+    mine = [c for c in range(layout.n_chunks) if c % world == rank and not complete[c]]
+    say(f"  {int(complete.sum())} chunks already complete; {len(mine) * world} to go (approx. over all processes)")
+
+    _harvest_chunks(cfg, layout, group, model, tokenizer.bos_token_id, device, first, sequences,
+                    set(mine), last_layer, show=main and cfg.progress)
+    state.wait_for_everyone()
+
+    summary = {"cache": str(path), "n_tokens": n_tokens, "sites": [s.key for s in sites]}
+    if main:
+        if not group["complete"][:].all():
+            raise RuntimeError("some chunks are still incomplete after the harvest; run it again")
+        summary["statistics"] = finalize_statistics(group, layout)
+        summary["bytes"] = bytes_on_disk(path)
+    return summary
+
+
+@torch.no_grad()
+def _harvest_chunks(cfg, layout, group, model, bos, device, first, sequences, todo, last_layer, show):
+    R, ctx = layout.chunk_rows, layout.context_length
+    per_chunk = R // ctx
+    pin = device.type == "cuda"
+    writer = ChunkWriter(group, layout, depth=cfg.write_queue, pin=pin)
+    bar = tqdm(total=len(todo) * R, unit="tok", unit_scale=True, disable=not show, dynamic_ncols=True,
+               desc="harvest")
+    stream = _chain(first, sequences)
+    try:
+        with capture(model, layout.sites) as acts:
+            for c in range(layout.n_chunks):
+                seqs = [next(stream, None) for _ in range(per_chunk)]
+                if seqs[-1] is None:
+                    got = c * R + sum(s is not None for s in seqs) * ctx
+                    raise CorpusTooSmall(f"the corpus ran out after {got:,} tokens; n_tokens asks for "
+                                         f"{layout.n_tokens:,}. Lower TOKENS or add data.")
+                if c not in todo:
+                    continue
+                buf = writer.buffers()
+                buf.index = c
+                buf.tokens[:] = np.concatenate(seqs)
+                stats = {s: torch.zeros(w + 2, dtype=torch.float64, device=device)
+                         for s, w in zip(layout.sites, layout.widths)}
+                for b in range(0, per_chunk, cfg.batch_size):
+                    ids = torch.from_numpy(np.stack(seqs[b:b + cfg.batch_size])).to(device, non_blocking=True)
+                    forward_until(model, ids, last_layer)
+                    rows = slice(b * ctx, b * ctx + ids.numel())
+                    keep = (ids.reshape(-1) != bos).unsqueeze(1)
+                    for site, width in zip(layout.sites, layout.widths):
+                        stored = to_storage(acts[site].reshape(-1, width), layout.storage_dtype)
+                        buf.acts[site][rows].copy_(stored, non_blocking=True)
+                        x = from_storage(stored, layout.storage_dtype).double() * keep
+                        st = stats[site]
+                        st[:-2] += x.sum(0)
+                        st[-2] += x.pow(2).sum()
+                        st[-1] += keep.sum()
+                for site in layout.sites:
+                    buf.stats[site].copy_(stats[site], non_blocking=True)
+                if device.type == "cuda":
+                    buf.ready = torch.cuda.Event()
+                    buf.ready.record()
+                writer.submit(buf)
+                bar.update(R)
+                bar.set_postfix_str(f"{writer.bytes_written / 1e9:.2f} GB written")
+        writer.close()
+    finally:
+        bar.close()
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
