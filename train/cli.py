@@ -1,0 +1,49 @@
+"""What `python -m train` and `python -m train.sweep` do once Hydra has composed the config."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .cache_reader import CacheError
+from .loop import MemberSpec, TrainingDiverged, train_members
+
+
+def run_training(cfg, single: bool):
+    import kernels
+    kernels.require_ours()
+    from .sweep import member_configs
+    members = member_configs(cfg)
+    run_dir = Path(cfg.run_dir)
+    if single and len(members) != 1:
+        raise ValueError("`python -m train` trains one SAE; use `python -m train.sweep` for a grid")
+    shard, n_shards = cfg.sweep.shard, cfg.sweep.num_shards
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"sweep.shard={shard} must be in [0, sweep.num_shards={n_shards})")
+    mine = [(i, name, m) for i, (name, m) in enumerate(members) if i % n_shards == shard]
+    if not mine:
+        print(f"[sweep] shard {shard} of {n_shards} has no member")
+        return None
+    if single:
+        specs = [MemberSpec(members[0][0], run_dir, members[0][1])]
+        ckpt = run_dir / "checkpoint.pt"
+    else:
+        specs = [MemberSpec(name, run_dir / name, m) for _, name, m in mine]
+        ckpt = run_dir / ("checkpoint.pt" if n_shards == 1 else f"checkpoint_shard{shard}of{n_shards}.pt")
+        print(f"[sweep] {len(specs)} members in lock-step: " + ", ".join(s.name for s in specs))
+    try:
+        final = train_members(cfg, specs, ckpt)
+    except (CacheError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if final is not None:
+        for name, metrics in final.items():
+            shown = {k: metrics[k] for k in ("fvu", "mse", "l0", "dead", "dense", "loss") if k in metrics}
+            print(f"[train] {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                 for k, v in shown.items()))
+        if single:
+            print(f"[train] wrote {run_dir / 'sae.safetensors'} and {run_dir / 'sae.json'}")
+        else:
+            print(f"[sweep] wrote {len(specs)} run folders under {run_dir}")
+    return final

@@ -1,0 +1,99 @@
+"""Config schemas of stage 2, registered in Hydra's ConfigStore: a typo anywhere fails before any work.
+
+conf/train.yaml names `train_schema` first in its defaults, then the groups `sae` (conf/sae/*.yaml)
+and `sweep` (conf/sweep/*.yaml).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class SAEConfig:
+    architecture: str = "jumprelu"        # jumprelu | relu | topk | gated
+    width: int = 0                        # d_sae; 0 means expansion * d_in
+    expansion: int = 8
+    sparsity_coeff: float = 1e-3          # lambda, in the normalised space (E||x||^2 = 1)
+    sparsity_loss: str = "l0"             # jumprelu: l0 (the paper) or l1 (ablation)
+    bandwidth: float = 1e-3               # STE bandwidth eps
+    theta_init: float = 1e-3
+    theta_parametrisation: str = "raw"    # raw (clamped at theta_min after each step) | log
+    theta_min: float = 1e-6
+    k: int = 32                           # topk only
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 7e-5
+    beta1: float = 0.0
+    beta2: float = 0.999
+    eps: float = 1e-8
+    lr_warmup_steps: int = 1000           # cosine warm-up from lr_warmup_start * lr to lr
+    lr_warmup_start: float = 0.1
+    lr_decay_fraction: float = 0.0        # linear decay to 0 over this last fraction of steps (0: none)
+    lambda_warmup_steps: int = 10000      # lambda ramped linearly from 0
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 4096                # tokens per step
+    buffer_tokens: int = 1048576          # shuffle buffer (tokens); memory is about twice this (prefetch)
+    num_readers: int = 4                  # chunk reader threads
+    seed: int = 0                         # chunk order and shuffling; a new order each epoch
+    heldout_fraction: float = 0.01        # of sequences, never served for training (evaluation's)
+    heldout_seed: int = 0
+    require_complete: bool = False        # refuse a cache with incomplete chunks instead of using the rest
+
+
+@dataclass
+class LoopConfig:
+    total_tokens: int = 4_000_000_000     # Gemma Scope's budget for 16k-wide SAEs
+    seed: int = 0                         # parameter initialisation
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    checkpoint_every_steps: int = 5000    # 0: only at the end
+    max_steps_this_run: int = 0           # stop (with a checkpoint) after this many steps; rerun to resume
+    resume: bool = True                   # continue from RUN's checkpoint when there is one
+    log_every_steps: int = 100
+    dead_window_tokens: int = 10_000_000  # a latent is dead with no activation in this many tokens
+    dense_fraction: float = 0.1           # ...dense when active on more than this fraction of them
+    latent_stats_every: int = 1           # steps between dead/dense bookkeeping (costs an encoder GEMM for jumprelu)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class SweepConfig:
+    # grid: nested dict of lists, e.g. {sae: {sparsity_coeff: [1e-4, 1e-3]}}; members = its product
+    grid: Dict[str, Any] = field(default_factory=dict)
+    # members: list of dicts of overrides ({preset: topk, sae: {k: 64}}); crossed with the grid
+    members: List[Any] = field(default_factory=list)
+    shard: int = 0                        # this process trains members i with i % num_shards == shard
+    num_shards: int = 1
+
+
+@dataclass
+class Config:
+    cache: str = MISSING
+    layer: int = MISSING
+    sublayer: str = MISSING
+    run_dir: str = MISSING
+    kernel_backend: str = "auto"          # passed as backend= to kernels.jumprelu_sae
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=Config)
+    cs.store(group="sae", name="sae_schema", node=SAEConfig)
+    cs.store(group="sweep", name="sweep_schema", node=SweepConfig)
+
+
+register()

@@ -1,0 +1,211 @@
+"""The training loop: K members (SAEs) in lock-step on the same batches; a single run is a sweep of one.
+
+Each step reads one batch from the cache, normalises it once, and steps every member on it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+import kernels
+
+from .cache_reader import (HELDOUT_RULE, CacheError, complete_heldout_sequences, heldout_sequences,
+                           open_activations)
+from .checkpoint import load_checkpoint, save_checkpoint, set_rng_states
+from .loader import ChunkLoader
+from .member import Member
+from .metrics import MetricsLog
+from .run_folder import save_sae
+
+
+@dataclass
+class MemberSpec:
+    name: str
+    folder: Path
+    cfg: object     # DictConfig with sections sae, optim, train (the member's resolved config)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but CUDA is not available")
+    return device
+
+
+def fingerprint(cfg, specs) -> dict:
+    """What must not change between a checkpoint and the run that resumes from it."""
+    loader = OmegaConf.to_container(cfg.loader)
+    loader.pop("num_readers")
+    loader.pop("require_complete")
+    t = cfg.train
+    return {"cache": str(Path(cfg.cache).resolve()), "layer": cfg.layer, "sublayer": cfg.sublayer,
+            "loader": loader, "total_tokens": t.total_tokens, "seed": t.seed,
+            "dead_window_tokens": t.dead_window_tokens, "latent_stats_every": t.latent_stats_every,
+            "members": [[s.name, OmegaConf.to_container(s.cfg.sae), OmegaConf.to_container(s.cfg.optim)]
+                        for s in specs]}
+
+
+def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_meta: dict | None = None):
+    """Train every member of `specs` to cfg.train.total_tokens. Returns {name: final metrics}, or None
+    when the run stopped early (train.max_steps_this_run) with a checkpoint to resume from."""
+    kernels.require_ours()
+    t = cfg.train
+    source = open_activations(cfg.cache, cfg.layer, cfg.sublayer)
+    n_complete = int(source.complete.sum())
+    if n_complete < source.n_chunks:
+        if cfg.loader.require_complete:
+            raise CacheError(f"cache {cfg.cache!r} is incomplete: {n_complete} of {source.n_chunks} chunks "
+                             "complete, and loader.require_complete=true")
+        print(f"[train] cache incomplete: training on the {n_complete} complete chunks of {source.n_chunks}")
+    if n_complete == 0:
+        raise CacheError(f"cache {cfg.cache!r} has no complete chunk")
+
+    msn = source.mean_squared_norm
+    if msn is None:
+        msn = source.estimate_mean_squared_norm()
+        print(f"[train] {source.name} has no mean_squared_norm attribute; estimated {msn:.6g} from a sample")
+    scale = math.sqrt(msn)               # x_normalised = x / scale has E||x||^2 = 1
+    device = resolve_device(t.device)
+    batch = cfg.loader.batch_size
+    total_steps = int(t.total_tokens) // batch
+    if total_steps < 1:
+        raise ValueError(f"train.total_tokens={t.total_tokens} is less than one batch ({batch})")
+
+    ckpt = load_checkpoint(checkpoint_path) if t.resume else None
+    fp = fingerprint(cfg, specs)
+    if ckpt is not None and ckpt["fingerprint"] != fp:
+        changed = sorted(k for k in fp if ckpt["fingerprint"].get(k) != fp[k])
+        raise ValueError(f"{checkpoint_path} was written with a different config (differs in: {', '.join(changed)}). "
+                         "Use another run_dir, or train.resume=false to start over.")
+    held = heldout_sequences(source.n_sequences, cfg.loader.heldout_fraction, cfg.loader.heldout_seed)
+    chunks = ckpt["loader"]["chunks"] if ckpt else [int(c) for c in source.complete.nonzero()[0]]
+    if ckpt and not source.complete[chunks].all():
+        raise CacheError("chunks the checkpointed run trained on are no longer complete in the cache")
+    loader = ChunkLoader(source, chunks, held, batch, cfg.loader.buffer_tokens, cfg.loader.seed,
+                         cfg.loader.num_readers, device)
+    epochs = total_steps * batch / loader.rows_per_epoch
+    if epochs > 1 and not ckpt:
+        print(f"[train] {t.total_tokens:,} tokens is {epochs:.2f} epochs of the {loader.rows_per_epoch:,} "
+              "training tokens in the cache")
+
+    members = [Member(s.name, s.folder, s.cfg, source.width, total_steps, device, cfg.kernel_backend) for s in specs]
+    start = 0
+    if ckpt is not None:
+        if ckpt.get("finished"):
+            print(f"[train] {checkpoint_path} says this run is finished; nothing to do (train.resume=false to redo)")
+            loader.close()
+            return ckpt["final_metrics"]
+        for m, state in zip(members, ckpt["members"]):
+            m.load_state_dict(state)
+        loader.load_state_dict(ckpt["loader"])
+        set_rng_states(ckpt["rng"])
+        start = ckpt["step"]
+        print(f"[train] resuming from {checkpoint_path} at step {start}")
+    for m in members:
+        m.log = MetricsLog(m.folder, t.tensorboard, resume_step=start if ckpt else None)
+
+    def checkpoint(step, finished=False, final_metrics=None):
+        save_checkpoint(checkpoint_path, {
+            "step": step, "fingerprint": fp, "members": [m.state_dict() for m in members],
+            "loader": loader.state_dict(), "finished": finished, "final_metrics": final_metrics})
+        return step
+
+    last_good = start if ckpt else None
+    interval_start, interval_time, metrics = start, time.perf_counter(), {}
+
+    def check_finite(upto):
+        for m in members:
+            bad = m.first_nonfinite(interval_start)
+            if bad is not None:
+                where = (f"the last good checkpoint is {checkpoint_path} (step {last_good})" if last_good is not None
+                         else "no checkpoint was written yet")
+                raise TrainingDiverged(f"member {m.name!r}: non-finite loss at step {bad}; stopped at step {upto}; "
+                                       f"{where}")
+
+    bar = tqdm(total=total_steps * batch, initial=start * batch, unit="tok", unit_scale=True,
+               disable=not t.progress, mininterval=1.0, desc=f"{source.name} x{len(members)}", dynamic_ncols=True)
+    stopped_early = False
+    try:
+        step = start
+        while step < total_steps:
+            x = loader.next_batch().to(torch.float32).div_(scale)
+            variance = (x - x.mean(0)).pow(2).sum(-1).mean()
+            want_active = step % t.latent_stats_every == 0
+            for m in members:
+                m.step(x, step, variance, want_active)
+            step += 1
+            bar.update(batch)
+            if step % t.log_every_steps == 0 or step == total_steps:
+                check_finite(step)
+                elapsed = time.perf_counter() - interval_time
+                tokens_per_s = (step - interval_start) * batch / max(elapsed, 1e-9)
+                for m in members:
+                    metrics[m.name] = {**m.pop_metrics(), "tokens": step * batch, "epoch": loader.epoch,
+                                       "tokens_per_s": tokens_per_s}
+                    m.log.write(step, metrics[m.name])
+                first = metrics[members[0].name]
+                bar.set_postfix(loss=f"{first['loss']:.4g}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}")
+                interval_start, interval_time = step, time.perf_counter()
+            save_now = t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0
+            stop_now = t.max_steps_this_run and step - start >= t.max_steps_this_run
+            if step < total_steps and (save_now or stop_now):
+                check_finite(step)
+                last_good = checkpoint(step)
+                if stop_now:
+                    stopped_early = True
+                    break
+    finally:
+        bar.close()
+        loader.close()
+        for m in members:
+            if m.log is not None:
+                m.log.close()
+    if stopped_early:
+        print(f"[train] stopped after {t.max_steps_this_run} steps at step {step}; rerun the same command to resume")
+        return None
+
+    meta_common = {
+        "model": _group_attr(cfg.cache, "model"),
+        "layer": int(cfg.layer), "sublayer": cfg.sublayer, "cache": str(Path(cfg.cache).resolve()),
+        "cache_array": source.name,
+        "normalisation": {"scale": scale, "mean_squared_norm": msn,
+                          "rule": "trained on x / scale (E||x||^2 = 1); stored tensors are in raw units"},
+        "heldout": {"fraction": cfg.loader.heldout_fraction, "seed": cfg.loader.heldout_seed,
+                    "n_sequences": source.n_sequences, "count": int(len(held)), "rule": HELDOUT_RULE,
+                    "function": "train.cache_reader.heldout_sequences_of_cache(cache, sae_json['heldout'])",
+                    "complete_count": int(len(complete_heldout_sequences(source, {
+                        "fraction": cfg.loader.heldout_fraction, "seed": cfg.loader.heldout_seed})))},
+        "training": {"steps": total_steps, "tokens": total_steps * batch, "batch_size": batch,
+                     "epochs": epochs, "complete_chunks_used": len(chunks), "n_chunks": source.n_chunks,
+                     "kernel_backend": cfg.kernel_backend, "device": str(device)},
+        **(extra_meta or {}),
+    }
+    final = {}
+    for m, s in zip(members, specs):
+        final[m.name] = metrics.get(m.name, {})
+        meta = {**meta_common, "name": m.name,
+                "hyperparameters_train": {"sae": OmegaConf.to_container(s.cfg.sae),
+                                          "optim": OmegaConf.to_container(s.cfg.optim),
+                                          "loader": OmegaConf.to_container(cfg.loader),
+                                          "train": OmegaConf.to_container(cfg.train)},
+                "final_metrics": final[m.name]}
+        save_sae(m.folder, m.sae.folded(scale).cpu(), meta)
+    checkpoint(total_steps, finished=True, final_metrics=final)
+    return final
+
+
+def _group_attr(cache, key):
+    import zarr
+    return zarr.open_group(str(cache), mode="r").attrs.get(key)

@@ -1,0 +1,78 @@
+"""One SAE being trained: its parameters, optimizer, schedules, latent statistics and log."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .metrics import LatentStats, MetricsLog
+from .optim import lambda_at, lr_at, make_optimizer, remove_parallel_grad, renormalise_rows
+from .sae import build_sae
+
+
+class Member:
+    def __init__(self, name: str, folder: Path, cfg, d_in: int, total_steps: int, device, backend: str):
+        """cfg: the member's resolved config (sae, optim, train sections)."""
+        self.name, self.folder, self.cfg = name, Path(folder), cfg
+        self.total_steps, self.backend = total_steps, backend
+        generator = torch.Generator().manual_seed(int(cfg.train.seed))
+        self.sae = build_sae(cfg.sae, d_in, generator).to(device)
+        self.optimizer = make_optimizer(self.sae.parameters(), cfg.optim)
+        self.stats = LatentStats(self.sae.d_sae, cfg.train.dead_window_tokens, cfg.train.dense_fraction, device)
+        self.log: MetricsLog | None = None
+        self._reset_sums()
+
+    def _reset_sums(self):
+        self.losses, self.sums, self.n = [], {}, 0
+
+    def step(self, x: torch.Tensor, step: int, variance: torch.Tensor, want_active: bool) -> None:
+        lam = lambda_at(step, self.cfg.sae.sparsity_coeff, self.cfg.optim)
+        lr = lr_at(step, self.total_steps, self.cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        out = self.sae.training_loss(x, lam, self.backend, want_active)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        remove_parallel_grad(self.sae.W_dec)
+        self.optimizer.step()
+        renormalise_rows(self.sae.W_dec)
+        self.sae.after_step()
+        if out.active is not None:
+            self.stats.update(out.active)
+        loss = out.loss.detach()
+        self.losses.append(loss)
+        for k, v in (("loss", loss), ("mse", out.mse), ("fvu", out.mse / variance), ("l0", out.l0)):
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n += 1
+        self.lr, self.lam = lr, lam
+
+    def first_nonfinite(self, first_step: int) -> int | None:
+        """The step of the first non-finite loss since the last `pop_metrics`, or None."""
+        if not self.losses:
+            return None
+        finite = torch.isfinite(torch.stack(self.losses)).cpu()
+        if bool(finite.all()):
+            return None
+        return first_step + int((~finite).nonzero()[0])
+
+    def pop_metrics(self) -> dict:
+        m = {k: float(v) / self.n for k, v in self.sums.items()} if self.n else {}
+        m.update(dead=self.stats.dead(), dense=self.stats.dense(), lr=self.lr, sparsity_coeff=self.lam)
+        m["dead_fraction"] = m["dead"] / self.sae.d_sae
+        threshold = getattr(self.sae, "threshold", None)
+        if threshold is not None:
+            t = threshold.detach().float()
+            m.update(threshold_mean=float(t.mean()), threshold_median=float(t.median()),
+                     threshold_min=float(t.min()), threshold_max=float(t.max()))
+        self._reset_sums()
+        return {k: (v if math.isfinite(v) else str(v)) if isinstance(v, float) else v for k, v in m.items()}
+
+    def state_dict(self) -> dict:
+        return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "stats": self.stats.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stats.load_state_dict(state["stats"])

@@ -1,0 +1,41 @@
+"""Adam with betas (0, 0.999), the learning-rate and lambda warm-ups, and the unit-norm decoder constraint."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def make_optimizer(params, cfg) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def lr_at(step: int, total_steps: int, cfg) -> float:
+    """Cosine warm-up from lr_warmup_start * lr to lr over lr_warmup_steps; optional linear decay at the end."""
+    scale = 1.0
+    if step < cfg.lr_warmup_steps:
+        s = cfg.lr_warmup_start
+        scale = s + (1.0 - s) * 0.5 * (1.0 - math.cos(math.pi * step / cfg.lr_warmup_steps))
+    decay_steps = int(cfg.lr_decay_fraction * total_steps)
+    if decay_steps > 0 and step >= total_steps - decay_steps:
+        scale *= (total_steps - step) / decay_steps
+    return cfg.lr * scale
+
+
+def lambda_at(step: int, sparsity_coeff: float, cfg) -> float:
+    """lambda ramped linearly from 0 over lambda_warmup_steps."""
+    if cfg.lambda_warmup_steps <= 0:
+        return sparsity_coeff
+    return sparsity_coeff * min(1.0, step / cfg.lambda_warmup_steps)
+
+
+@torch.no_grad()
+def remove_parallel_grad(W_dec: torch.nn.Parameter) -> None:
+    """Drop the gradient component along each (unit-norm) decoder row: it would only change the norm."""
+    if W_dec.grad is not None:
+        W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+
+
+@torch.no_grad()
+def renormalise_rows(W_dec: torch.nn.Parameter) -> None:
+    W_dec /= W_dec.norm(dim=1, keepdim=True)

@@ -1,0 +1,50 @@
+"""A finished run folder: sae.safetensors (raw activation units) and sae.json (shared/DESIGN.md)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .sae import ARCHITECTURES, SparseAutoencoder
+
+WEIGHTS, META = "sae.safetensors", "sae.json"
+
+
+def save_sae(run_dir, sae: SparseAutoencoder, meta: dict) -> None:
+    """Write `sae` (already in raw units) and `meta` (+ architecture, d_in, d_sae, tensor names)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sae.export_tensors().items()}
+    meta = {"architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
+            "hyperparameters": sae.hyperparameters(), "tensors": sorted(tensors), **meta}
+    save_file(tensors, str(run_dir / (WEIGHTS + ".tmp")), metadata={"architecture": sae.architecture})
+    os.replace(run_dir / (WEIGHTS + ".tmp"), run_dir / WEIGHTS)
+    (run_dir / (META + ".tmp")).write_text(json.dumps(meta, indent=2, default=_jsonable) + "\n")
+    os.replace(run_dir / (META + ".tmp"), run_dir / META)
+
+
+def load_sae(run_dir, device="cpu") -> tuple[SparseAutoencoder, dict]:
+    """(sae, meta): the SAE in raw activation units (encode, decode, forward) and the parsed sae.json."""
+    run_dir = Path(run_dir)
+    if not (run_dir / META).exists() or not (run_dir / WEIGHTS).exists():
+        raise FileNotFoundError(f"{str(run_dir)!r} has no {META} + {WEIGHTS}: not a finished run folder")
+    meta = json.loads((run_dir / META).read_text())
+    arch = meta["architecture"]
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{run_dir}: unknown architecture {arch!r}")
+    tensors = load_file(str(run_dir / WEIGHTS))
+    sae = ARCHITECTURES[arch].from_tensors(**tensors, **meta.get("hyperparameters", {}))
+    return sae.to(device).eval(), meta
+
+
+def _jsonable(v):
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"not JSON serialisable: {type(v)}")
