@@ -28,10 +28,12 @@ class EvalConfig:
     # Held-out sequences re-run through the model for delta LM loss (0: skip delta LM loss).
     delta_lm_sequences: int = 64
     batch_sequences: int = 8
+    # Sequences per forward for delta LM loss (Gemma's 256k-vocabulary logits are large).
+    delta_lm_batch_sequences: int = 4
     # A latent is dense when it fires on more than this fraction of held-out tokens.
     dense_threshold: float = 0.1
     # Bins per decade of the log10 firing-frequency histogram.
-    histogram_bins: int = 60
+    histogram_bins_per_decade: int = 10
     plots: bool = True
     progress: bool = True
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .heldout import non_bos_mask
+
 # splice(model, layer, sublayer, fn) -> context manager replacing the site's activation a by fn(a).
 Splice = Callable[[torch.nn.Module, int, str, Callable[[torch.Tensor], torch.Tensor]], ContextManager]
 
@@ -112,8 +114,7 @@ def delta_lm_loss(model: torch.nn.Module, tokens: torch.Tensor, layer: int, subl
     for start in range(0, n_seq, batch_sequences):
         batch = tokens[start:start + batch_sequences].to(device)
         targets = batch[:, 1:]
-        keep = batch != bos_token_id
-        keep[:, 0] = False
+        keep = non_bos_mask(batch, bos_token_id)
 
         clean = model(input_ids=batch).logits[:, :-1]
         ce, _ = _losses(clean, targets, None)

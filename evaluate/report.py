@@ -1,0 +1,106 @@
+"""The JSON report of one SAE and the table of a sweep (markdown for people, CSV for programs)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .sources import EvalTarget
+
+TABLE_COLUMNS = ("name", "architecture", "sparsity", "d_sae", "l0", "fvu", "mse", "dead_fraction",
+                 "dense_fraction", "delta_ce", "fraction_recovered", "kl_spliced", "ce_clean", "ce_zero")
+
+
+def sparsity_setting(meta: dict) -> str:
+    """The knob that sets sparsity, as trained: k for TopK, lambda (and its loss) otherwise."""
+    hyper = meta.get("hyperparameters") or {}
+    arch = meta.get("architecture", "?")
+    if arch == "topk":
+        return f"k={hyper.get('k', meta.get('k', '?'))}"
+    coeff = _find(meta, "sparsity_coeff")
+    label = "lambda" if coeff is not None else ""
+    return f"{label}={coeff:g}" if isinstance(coeff, (int, float)) else label or "-"
+
+
+def _find(d: Any, key: str):
+    """The first value of `key` anywhere in a nested dict (sae.json layouts nest the config)."""
+    if isinstance(d, dict):
+        if key in d:
+            return d[key]
+        for v in d.values():
+            found = _find(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+def architecture_label(meta: dict) -> str:
+    """jumprelu is split by its sparsity loss: the ablation's question is L0 against L1."""
+    arch = meta.get("architecture", "?")
+    if arch == "jumprelu":
+        loss = (meta.get("hyperparameters") or {}).get("sparsity_loss") or _find(meta, "sparsity_loss") or "l0"
+        return f"jumprelu+{loss}"
+    if arch in ("relu", "gated"):
+        return f"{arch}+l1"
+    return arch
+
+
+def build_report(target: EvalTarget, result: dict) -> dict:
+    rec = result["reconstruction"]
+    return {
+        "name": target.name,
+        "source": str(target.path),
+        "architecture": target.meta.get("architecture"),
+        "label": architecture_label(target.meta),
+        "sparsity": sparsity_setting(target.meta),
+        "d_in": target.sae.d_in,
+        "d_sae": target.sae.d_sae,
+        "model": target.meta.get("model"),
+        "cache": target.cache,
+        "layer": target.layer,
+        "sublayer": target.sublayer,
+        "heldout": result["heldout"],
+        "hyperparameters": target.meta.get("hyperparameters"),
+        "reconstruction": rec.summary(),
+        "delta_lm": result["delta_lm"],
+        "firing_frequency": rec.firing_frequency,
+        "mse_by_position": rec.mse_by_position,
+        "fvu_by_position": rec.fvu_by_position,
+        "dense_threshold": rec.dense_threshold,
+        "training_final_metrics": target.meta.get("final_metrics") or target.meta.get("metrics"),
+        "notes": target.notes,
+    }
+
+
+def write_json(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
+
+
+def table_row(report: dict) -> dict:
+    lm = report["delta_lm"]
+    row = {"name": report["name"], "architecture": report["label"], "sparsity": report["sparsity"],
+           "d_sae": report["d_sae"], **report["reconstruction"]}
+    for k in ("delta_ce", "fraction_recovered", "kl_spliced", "ce_clean", "ce_zero"):
+        row[k] = lm.get(k, float("nan"))
+    return {k: row.get(k) for k in TABLE_COLUMNS}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def write_table(reports: list[dict], folder: Path) -> list[dict]:
+    rows = sorted((table_row(r) for r in reports), key=lambda r: (r["architecture"], r["l0"]))
+    with open(folder / "table.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in TABLE_COLUMNS) + " |" for r in rows]
+    (folder / "table.md").write_text("\n".join(lines) + "\n")
+    return rows

@@ -1,0 +1,48 @@
+"""`make eval RUN=...`: evaluate a run folder, a sweep folder or a Gemma Scope params.npz, and write
+report.json per SAE plus (for several SAEs) table.md / table.csv and the plots into the report folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import plots
+from .evaluation import evaluate_targets
+from .report import build_report, write_json, write_table
+from .sources import EvalTarget, resolve
+
+
+def report_folder(cfg, targets: list[EvalTarget], is_sweep: bool) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    run = Path(cfg.run)
+    if run.is_file():
+        return run.parent / ("eval" if run.name == "params.npz" else f"eval_{run.stem}")
+    return run / "eval"
+
+
+def run_evaluation(cfg) -> dict:
+    """Evaluate what cfg.run points at; returns {"folder", "reports", "rows", "plots"}."""
+    targets, is_sweep = resolve(cfg, device=cfg.device)
+    results = evaluate_targets(targets, cfg)
+    reports = [build_report(t, r) for t, r in zip(targets, results)]
+    folder = report_folder(cfg, targets, is_sweep)
+    folder.mkdir(parents=True, exist_ok=True)
+    if is_sweep:
+        for t, rep in zip(targets, reports):
+            write_json(rep, folder / t.name / "report.json")
+    else:
+        write_json(reports[0], folder / "report.json")
+    rows = write_table(reports, folder)
+    drawn = []
+    if cfg.plots:
+        title = f"layer {targets[0].layer} {targets[0].sublayer}"
+        drawn = plots.draw_all(reports, [t.metrics_file for t in targets], folder, title,
+                               cfg.histogram_bins_per_decade)
+    return {"folder": folder, "reports": reports, "rows": rows, "plots": drawn}
+
+
+def print_summary(outcome: dict) -> None:
+    for row in outcome["rows"]:
+        lm = "" if row["delta_ce"] is None else f"  delta CE {row['delta_ce']:.4g}  recovered {row['fraction_recovered']:.4g}"
+        print(f"{row['name']:>24}  {row['architecture']:<12} {row['sparsity']:<14} L0 {row['l0']:8.3f}  "
+              f"FVU {row['fvu']:.4f}  dead {row['dead_fraction']:.3f}  dense {row['dense_fraction']:.3f}{lm}")
+    print(f"report: {outcome['folder']}")
