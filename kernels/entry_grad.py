@@ -8,7 +8,9 @@ the result is written into the slot of the entry, beside its pre-activation.
 from __future__ import annotations
 
 import torch
-import triton
+
+from . import _interpret  # noqa: F401  (before triton)
+import triton  # noqa: E402
 import triton.language as tl
 
 

@@ -21,7 +21,9 @@ first list_cnt slots are written.
 from __future__ import annotations
 
 import torch
-import triton
+
+from . import _interpret  # noqa: F401  (before triton)
+import triton  # noqa: E402
 import triton.language as tl
 
 

@@ -23,7 +23,9 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
+
+from . import _interpret  # noqa: F401  (before triton)
+import triton  # noqa: E402
 
 from .entry_grad import entry_grad
 from .jumprelu_encode import jumprelu_encode
@@ -114,7 +116,7 @@ class JumpReLUSAETriton(torch.autograd.Function):
         loss = mse + lam * l0
         ctx.save_for_backward(x, x_op, x_hat, theta_c, w_dec_op, enc["list_idx"], enc["list_pre"],
                               enc["list_rank"], enc["list_cnt"], enc["col_cnt"])
-        ctx.meta = (bandwidth, lam, blocks, n_seg, enc["seg_width"], W_enc.dtype, b_enc.dtype,
+        ctx.meta = (bandwidth, lam, blocks, enc["n_seg"], enc["seg_width"], W_enc.dtype, b_enc.dtype,
                     theta.dtype, W_dec.dtype, b_dec.dtype)
         return loss, mse, l0, x_hat
 

@@ -16,7 +16,9 @@ dW_enc is produced transposed ([W, d]) so that each program writes contiguous ro
 from __future__ import annotations
 
 import torch
-import triton
+
+from . import _interpret  # noqa: F401  (before triton)
+import triton  # noqa: E402
 import triton.language as tl
 
 

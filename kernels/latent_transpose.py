@@ -13,7 +13,9 @@ integer scans done on the device by torch (exact, no host synchronisation).
 from __future__ import annotations
 
 import torch
-import triton
+
+from . import _interpret  # noqa: F401  (before triton)
+import triton  # noqa: E402
 import triton.language as tl
 
 

@@ -8,7 +8,9 @@ partial sum of (x_hat - x)^2, which the wrapper sums in a fixed order.
 from __future__ import annotations
 
 import torch
-import triton
+
+from . import _interpret  # noqa: F401  (before triton)
+import triton  # noqa: E402
 import triton.language as tl
 
 

@@ -1,0 +1,227 @@
+"""The Triton backend of kernels.jumprelu_sae against the PyTorch reference computed in float64.
+
+Without a GPU the kernels run through Triton's interpreter (kernels/_interpret.py switches it on):
+fp32 and fp16 operands (the interpreter's bf16 dot is wrong, triton issue 11584). With a GPU the
+same checks run compiled, plus bf16 and tf32.
+
+Why the tolerances can be tight: operands are drawn already rounded to the operand precision, so
+every product in the kernels is exact and the only error is fp32 accumulation, against a float64
+reference on the very same values. Thresholds are placed (via b_enc) so that no pre-activation lies
+within MARGIN of a decision boundary (theta, theta +- bandwidth/2), so no entry can flip sides
+because of rounding; and so that some pre-activations fall inside the bandwidth window on both
+sides of theta, which the threshold gradient must see.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import jumprelu_encode as enc_mod
+from kernels import jumprelu_triton as jt
+from kernels.reference import jumprelu_sae_reference
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+
+BANDWIDTH = 0.25
+MARGIN = 1e-3            # pre-activations are O(1); fp32 accumulation errors are ~1e-6
+REL_TOL = 2e-5           # normwise relative error, fp32 accumulation of exact products
+OPERAND_DTYPE = {"fp32": torch.float16, "fp16": torch.float16, "tf32": torch.float16,
+                 "bf16": torch.bfloat16}  # fp16-rounded values are exact in fp32 and tf32 too
+
+
+def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype).to(torch.float32)
+
+
+def make_problem(B, D, W, regime, precision, seed, device=DEVICE):
+    """Random SAE inputs whose pre-activations keep MARGIN away from every decision boundary.
+
+    regime: "none" (L0 = 0), "sparse" (~8% active), "half", "dense" (every latent active),
+    "mixed" (a random active fraction per latent).
+    """
+    g = torch.Generator().manual_seed(seed)
+    rdt = OPERAND_DTYPE[precision]
+    x = rounded(torch.randn(B, D, generator=g), rdt)
+    W_enc = rounded(torch.randn(D, W, generator=g) / D ** 0.5, rdt)
+    W_dec = rounded(torch.randn(W, D, generator=g) / D ** 0.5, rdt)
+    b_dec = torch.randn(D, generator=g) * 0.1
+    theta = torch.rand(W, generator=g) * 0.2 + 0.05
+    z = x.double() @ W_enc.double()
+    half = BANDWIDTH / 2
+    if regime == "none":
+        # The largest pre lands inside the window but below theta: L0 = 0, dtheta still non-zero.
+        target = z.max(0).values + half / 2
+    elif regime == "dense":
+        target = z.min(0).values - half / 2
+    else:
+        q = {"sparse": torch.full((W,), 0.08), "half": torch.full((W,), 0.5),
+             "mixed": torch.rand(W, generator=g)}[regime]
+        target = torch.stack([torch.quantile(z[:, i], 1 - q[i].item()) for i in range(W)])
+    b_enc = (theta.double() - target).float()
+    for i in range(W):
+        for _ in range(200):
+            u = z[:, i] + b_enc[i].double() - theta[i].double()
+            if ((u.abs() > MARGIN) & ((u.abs() - half).abs() > MARGIN)).all():
+                break
+            b_enc[i] += (torch.rand((), generator=g).item() - 0.5) * 10 * MARGIN
+        else:
+            raise RuntimeError("could not place a threshold away from the boundaries")
+    params = [W_enc, b_enc, theta, W_dec, b_dec]
+    return x.to(device), [p.to(device) for p in params]
+
+
+def objective_weights(B, D, seed):
+    """Random weights on every output, so that each of the four incoming gradients is exercised."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.rand(3, generator=g) + 0.5, torch.randn(B, D, generator=g) * 0.05
+
+
+def run(fn, x, params, lam, weights, dtype, **kw):
+    ps = [p.detach().to(dtype).requires_grad_(True) for p in params]
+    (a, R) = weights
+    loss, mse, l0, x_hat = fn(x.to(dtype), *ps, BANDWIDTH, lam, **kw)
+    total = a[0] * loss + a[1] * mse + a[2] * l0 + (x_hat * R.to(x_hat)).sum()
+    total.backward()
+    return dict(loss=loss, mse=mse, l0=l0, x_hat=x_hat, W_enc=ps[0].grad, b_enc=ps[1].grad,
+                threshold=ps[2].grad, W_dec=ps[3].grad, b_dec=ps[4].grad)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double().cpu(), want.double().cpu()
+    assert torch.isfinite(got).all(), "non-finite values (unwritten poisoned elements?)"
+    return ((got - want).norm() / want.norm().clamp_min(1e-300)).item()
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    monkeypatch.setattr(jt, "POISON_BUFFERS", True)
+
+
+def check_against_reference(B, D, W, regime, precision, seed, lam=0.6, rel_tol=REL_TOL):
+    x, params = make_problem(B, D, W, regime, precision, seed)
+    weights = objective_weights(B, D, seed)
+    got = run(jt.jumprelu_sae_triton, x, params, lam, weights, torch.float32, precision=precision)
+    want = run(jumprelu_sae_reference, x.cpu(), [p.cpu() for p in params], lam, weights,
+               torch.float64)
+    # L0 is a count: it must be exact, and it must be the regime we asked for.
+    assert got["l0"].item() == pytest.approx(want["l0"].item(), abs=1e-6)
+    if regime == "none":
+        assert want["l0"].item() == 0
+    if regime == "dense":
+        assert want["l0"].item() == W
+    # The threshold gradient must come from real window entries, else the check is vacuous.
+    assert want["threshold"].abs().max() > 0
+    for name in ("loss", "mse", "x_hat", "W_enc", "b_enc", "threshold", "W_dec", "b_dec"):
+        if name in ("W_enc", "b_enc", "W_dec") and regime == "none":
+            assert got[name].abs().max().item() == 0, name  # nothing active: exactly zero
+            continue
+        err = rel_err(got[name], want[name])
+        assert err < rel_tol, f"{name}: relative error {err:.3g} >= {rel_tol}"
+    for name in ("W_enc", "b_enc", "threshold", "W_dec", "b_dec"):
+        assert got[name].shape == want[name].shape and got[name].dtype == torch.float32
+
+
+# Shapes deliberately not multiples of the interpreter's 16-wide blocks or 8-long chunks.
+CPU_CASES = [
+    (37, 19, 70, "none", 1), (29, 23, 53, "sparse", 2), (41, 17, 67, "half", 3),
+    (23, 21, 45, "dense", 4), (33, 18, 61, "mixed", 5),
+]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("B,D,W,regime,seed", CPU_CASES)
+def test_triton_matches_float64_reference(poisoned, B, D, W, regime, seed, precision):
+    check_against_reference(B, D, W, regime, precision, seed)
+
+
+def test_triton_is_deterministic(poisoned):
+    x, params = make_problem(31, 19, 58, "mixed", "fp32", 7)
+    weights = objective_weights(31, 19, 7)
+    a = run(jt.jumprelu_sae_triton, x, params, 0.3, weights, torch.float32)
+    b = run(jt.jumprelu_sae_triton, x, params, 0.3, weights, torch.float32)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_public_api_dispatches_to_triton(poisoned):
+    x, params = make_problem(21, 17, 40, "sparse", "fp32", 11)
+    out = kernels.jumprelu_sae(x, *params, bandwidth=BANDWIDTH, sparsity_coeff=0.5,
+                               backend="triton")
+    ref = kernels.jumprelu_sae(x.cpu().double(), *[p.cpu().double() for p in params],
+                               bandwidth=BANDWIDTH, sparsity_coeff=0.5, backend="reference")
+    assert rel_err(out.x_hat, ref.x_hat) < REL_TOL
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=REL_TOL)
+
+
+def test_encoder_lists(poisoned):
+    """The encoder's lists hold exactly the active or near-threshold latents, in order."""
+    x, (W_enc, b_enc, theta, _, _) = make_problem(35, 22, 75, "mixed", "fp32", 13)
+    enc = enc_mod.jumprelu_encode(x, W_enc, b_enc, theta, BANDWIDTH, n_seg=3, block_m=16,
+                                  block_n=16, block_k=16, alloc=jt._alloc)
+    pre, active, kept = enc_mod.jumprelu_encode_reference(x, W_enc, b_enc, theta, BANDWIDTH)
+    pre, active, kept = pre.cpu(), active.cpu(), kept.cpu()
+    sw, cnt = enc["seg_width"], enc["list_cnt"].cpu()
+    assert torch.equal(enc["act_cnt"].cpu().sum(1), active.sum(1).int())
+    assert torch.equal(enc["col_cnt"].cpu().sum(0), kept.sum(0).int())
+    for b in range(x.shape[0]):
+        for s in range(enc["n_seg"]):
+            n = cnt[b, s].item()
+            idx = enc["list_idx"][b, s, :n].cpu().long()
+            expect = torch.nonzero(kept[b, s * sw:(s + 1) * sw]).flatten() + s * sw
+            assert torch.equal(idx, expect)
+            assert torch.allclose(enc["list_pre"][b, s, :n].cpu().double(), pre[b, idx], atol=1e-5)
+            # rank = number of earlier tokens of the same 16-row block that kept the latent
+            blk = (b // 16) * 16
+            rank = kept[blk:b, idx].sum(0).int()
+            assert torch.equal(enc["list_rank"][b, s, :n].cpu(), rank)
+
+
+def test_empty_batch_falls_back():
+    x, params = make_problem(3, 17, 20, "sparse", "fp32", 17)
+    loss, mse, l0, x_hat = jt.jumprelu_sae_triton(x[:0], *params, BANDWIDTH, 0.1)
+    assert x_hat.shape == (0, 17) and l0.item() == 0
+
+
+def test_rejects_unknown_precision():
+    x, params = make_problem(3, 17, 20, "sparse", "fp32", 19)
+    with pytest.raises(ValueError):
+        jt.jumprelu_sae_triton(x, *params, BANDWIDTH, 0.1, precision="int8")
+
+
+# --- GPU: compiled kernels, production block sizes, bf16 and tf32 -------------------------------
+
+GPU_CASES = [
+    (300, 200, 1000, "sparse", 21), (517, 129, 700, "half", 22), (64, 2304, 3000, "mixed", 23),
+    (130, 96, 333, "dense", 24), (257, 150, 900, "none", 25),
+]
+
+
+@gpu_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "tf32", "fp32", "fp16"])
+@pytest.mark.parametrize("B,D,W,regime,seed", GPU_CASES)
+def test_triton_matches_float64_reference_gpu(poisoned, B, D, W, regime, seed, precision):
+    # Operands drawn already bf16/fp16-rounded, so bf16 and tf32 dots are exact products with
+    # fp32 accumulation: the same 2e-5 normwise tolerance as fp32 holds.
+    check_against_reference(B, D, W, regime, precision, seed)
+
+
+@gpu_only
+@pytest.mark.gpu
+def test_triton_gpu_deterministic_and_no_host_sync(poisoned):
+    x, params = make_problem(1000, 256, 2048, "mixed", "bf16", 31)
+    a_w, R = objective_weights(1000, 256, 31)
+    weights = (a_w.to(DEVICE), R.to(DEVICE))
+    run(jt.jumprelu_sae_triton, x, params, 0.3, weights, torch.float32)  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        a = run(jt.jumprelu_sae_triton, x, params, 0.3, weights, torch.float32)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    b = run(jt.jumprelu_sae_triton, x, params, 0.3, weights, torch.float32)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
