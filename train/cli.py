@@ -26,8 +26,11 @@ def run_training(cfg, single: bool):
         print(f"[sweep] shard {shard} of {n_shards} has no member")
         return None
     if single:
-        specs = [MemberSpec(members[0][0], run_dir, members[0][1])]
-        ckpt = run_dir / "checkpoint.pt"
+        folder = run_dir
+        if _hydra_job_num() is not None:    # `python -m train hydra.mode=MULTIRUN a=1,2`: a folder per job
+            folder = run_dir / f"job_{_hydra_job_num()}"
+        specs = [MemberSpec(members[0][0], folder, members[0][1])]
+        ckpt = folder / "checkpoint.pt"
     else:
         specs = [MemberSpec(name, run_dir / name, m) for _, name, m in mine]
         ckpt = run_dir / ("checkpoint.pt" if n_shards == 1 else f"checkpoint_shard{shard}of{n_shards}.pt")
@@ -47,3 +50,11 @@ def run_training(cfg, single: bool):
         else:
             print(f"[sweep] wrote {len(specs)} run folders under {run_dir}")
     return final
+
+
+def _hydra_job_num():
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return HydraConfig.get().job.num

@@ -60,7 +60,7 @@ def member_configs(cfg) -> list[tuple[str, object]]:
                     raise ValueError(f"sweep preset {preset!r}: no {path}")
                 preset_cfg = OmegaConf.load(path)
                 preset_cfg.pop("defaults", None)
-                m.sae = OmegaConf.merge(OmegaConf.structured(config.SAEConfig), preset_cfg)
+                m.sae = OmegaConf.merge(m.sae, preset_cfg)   # preset fields replace the base ones
             m = OmegaConf.merge(m, {k: v for k, v in over.items() if k != "name"})
             parts = [over["name"]] if "name" in over else ([preset] if preset else [])
             for (section, key), value in zip([p for p, _ in grid], values):
