@@ -148,7 +148,9 @@ class JumpReLUSAE(SparseAutoencoder):
         f = JumpReLUFunction.apply(pre, self.threshold, self.bandwidth)
         mse = self._mse(x, self.decode(f))
         active = (f > 0).detach()
-        loss = mse + sparsity_coeff * f.abs().sum(-1).mean()
+        # f >= theta > 0 where active: L1 = sum f, whose derivative is 1 also at inactive latents (abs()
+        # would give 0 there and drop the L1 term from the threshold's straight-through gradient)
+        loss = mse + sparsity_coeff * f.sum(-1).mean()
         return StepOutput(loss, mse.detach(), active.sum(-1, dtype=x.dtype).mean(), active)
 
     def after_step(self):

@@ -1,0 +1,109 @@
+"""ChunkLoader: coverage per epoch, BOS and held-out rows never served, seeds, resume."""
+import numpy as np
+import pytest
+import torch
+
+from tests.cache_factory import stored_as_float, write_cache
+from train.cache_reader import heldout_sequences, open_activations
+from train.loader import ChunkLoader
+
+CTX, ROWS, N_CHUNKS = 8, 32, 24
+
+
+@pytest.fixture(scope="module")
+def indexed_cache(tmp_path_factory):
+    """Column 0 of each row holds its row index (float32 storage: exact); chunks 5 and 11 incomplete."""
+    n = ROWS * N_CHUNKS
+    acts = np.zeros((n, 3), dtype=np.float32)
+    acts[:, 0] = np.arange(n)
+    acts[:, 1] = np.random.default_rng(0).standard_normal(n)
+    path = write_cache(tmp_path_factory.mktemp("c") / "cache", {(1, "resid_post"): acts}, context_length=CTX,
+                       chunk_rows=ROWS, storage_dtype="float32", incomplete=[5, 11])
+    return open_activations(path, 1, "resid_post")
+
+
+def make_loader(source, seed=0, batch=20, buffer=3 * ROWS, heldout_fraction=0.1):
+    held = heldout_sequences(source.n_sequences, heldout_fraction, 7)
+    chunks = np.flatnonzero(source.complete)
+    return ChunkLoader(source, chunks, held, batch, buffer, seed, num_readers=2), held
+
+
+def served_rows(loader, n_rows):
+    rows = []
+    while len(rows) < n_rows:
+        rows.extend(loader.next_batch()[:, 0].long().tolist())
+    return np.array(rows)
+
+
+def expected_rows(source, held):
+    r = np.arange(source.n_tokens)
+    ok = (r % CTX != 0) & source.complete[r // ROWS] & ~np.isin(r // CTX, held)
+    return r[ok]
+
+
+def test_every_training_row_once_per_epoch(indexed_cache):
+    loader, held = make_loader(indexed_cache)
+    want = expected_rows(indexed_cache, held)
+    assert loader.rows_per_epoch == len(want) and len(held) > 0
+    rows = served_rows(loader, 3 * len(want))
+    loader.close()
+    epochs = [rows[i * len(want):(i + 1) * len(want)] for i in range(3)]
+    for e in epochs:
+        np.testing.assert_array_equal(np.sort(e), want)       # each servable row exactly once
+    assert not np.array_equal(epochs[0], epochs[1])            # a new order each epoch
+    assert not np.isin(rows // CTX, held).any()                # held-out sequences never served
+    assert not (rows % CTX == 0).any()                         # BOS never served
+    assert not np.isin(rows // ROWS, [5, 11]).any()            # incomplete chunks never served
+
+
+def test_batches_are_shuffled_across_chunks(indexed_cache):
+    loader, _ = make_loader(indexed_cache, batch=40)
+    batch = loader.next_batch()[:, 0].long().numpy()
+    loader.close()
+    assert len(np.unique(batch // ROWS)) >= 3                  # drawn from the whole buffer, not one chunk
+    assert not np.all(np.diff(batch) > 0)
+
+
+def test_seed_determinism(indexed_cache):
+    a, _ = make_loader(indexed_cache, seed=1)
+    b, _ = make_loader(indexed_cache, seed=1)
+    c, _ = make_loader(indexed_cache, seed=2)
+    ra, rb, rc = served_rows(a, 400), served_rows(b, 400), served_rows(c, 400)
+    for loader in (a, b, c):
+        loader.close()
+    np.testing.assert_array_equal(ra, rb)
+    assert not np.array_equal(ra, rc)
+
+
+@pytest.mark.parametrize("stop_after", [1, 7, 23])
+def test_resume_from_state_equals_uninterrupted(indexed_cache, stop_after):
+    full, _ = make_loader(indexed_cache, seed=3)
+    reference = [full.next_batch().clone() for _ in range(stop_after + 15)]
+    full.close()
+    first, _ = make_loader(indexed_cache, seed=3)
+    for _ in range(stop_after):
+        first.next_batch()
+    state = first.state_dict()
+    first.close()
+    resumed, _ = make_loader(indexed_cache, seed=3)
+    resumed.load_state_dict(state)
+    rest = [resumed.next_batch() for _ in range(15)]
+    resumed.close()
+    for got, want in zip(rest, reference[stop_after:]):
+        assert torch.equal(got, want)
+
+
+def test_bf16_bits_read_back_losslessly(tmp_path):
+    acts = np.random.default_rng(1).standard_normal((64, 5)).astype(np.float32) * 3
+    path = write_cache(tmp_path / "c", {(0, "mlp_out"): acts}, context_length=8, chunk_rows=16)
+    src = open_activations(path, 0, "mlp_out")
+    chunk = src.read_chunk(2)
+    assert chunk.dtype == torch.bfloat16
+    np.testing.assert_array_equal(chunk.float().numpy(), stored_as_float(acts, "bfloat16")[32:48])
+    loader = ChunkLoader(src, np.flatnonzero(src.complete), [], 16, 64, 0, num_readers=1)
+    batch = loader.next_batch()
+    loader.close()
+    assert batch.dtype == torch.bfloat16
+    stored = stored_as_float(acts, "bfloat16")
+    for row in batch.float().numpy():                           # every served row is a stored row, bit for bit
+        assert (stored == row).all(1).any()

@@ -1,0 +1,160 @@
+"""The SAE maths of shared/DESIGN.md against an independent float64 NumPy implementation."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from train.config import OptimConfig, SAEConfig
+from train.member import Member
+from train.optim import lambda_at, lr_at
+from train.sae import ARCHITECTURES, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE, build_sae
+
+EPS = 1e-3
+
+
+def numpy_jumprelu(x, W_enc, b_enc, theta, W_dec, b_dec, eps, lam):
+    """DESIGN.md's forward and STE backward, written out in float64 NumPy."""
+    B = x.shape[0]
+    pre = x @ W_enc + b_enc
+    H = (pre > theta).astype(np.float64)
+    f = pre * H
+    x_hat = f @ W_dec + b_dec
+    loss = np.mean(np.sum((x - x_hat) ** 2, axis=1) + lam * H.sum(1))
+    g = 2 * (x_hat - x) / B
+    dW_dec = f.T @ g
+    db_dec = g.sum(0)
+    df = g @ W_dec.T
+    dpre = df * H
+    K = (np.abs((pre - theta) / eps) < 0.5).astype(np.float64)
+    dtheta = np.sum(-(theta / eps) * K * df - (lam / B) * (1 / eps) * K, axis=0)
+    return loss, {"W_enc": x.T @ dpre, "b_enc": dpre.sum(0), "threshold": dtheta, "W_dec": dW_dec, "b_dec": db_dec}
+
+
+def near_threshold_case(seed=0, B=24, d=6, W=10, lam=0.05):
+    """Random parameters where several latents sit just below (and above) their thresholds."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, d))
+    W_enc = rng.standard_normal((d, W)) * 0.5
+    W_dec = rng.standard_normal((W, d))
+    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+    b_enc = rng.standard_normal(W) * 0.1
+    b_dec = rng.standard_normal(d) * 0.1
+    pre = x @ W_enc + b_enc
+    theta = np.abs(rng.standard_normal(W)) * 0.3 + 0.01
+    # latent 0: inactive at token 0 but within eps/2 below theta; latent 1: active just above theta
+    theta[0] = pre[0, 0] + EPS / 4 if pre[0, 0] > 0.01 else 0.2
+    if pre[0, 0] <= 0.01:
+        b_enc[0] += 0.2 + EPS / 4 - pre[0, 0] - 2 * EPS / 4    # move pre[0, 0] to theta - eps/4
+    theta[1] = abs(pre[1, 1]) if pre[1, 1] > 0 else 0.05
+    if pre[1, 1] <= 0:
+        b_enc[1] += 0.05 + EPS / 4 - pre[1, 1]
+    # float32-representable values, so that SAEs built from them (float32 parameters) hold them exactly
+    x, W_enc, b_enc, theta, W_dec, b_dec = (a.astype(np.float32).astype(np.float64)
+                                            for a in (x, W_enc, b_enc, theta, W_dec, b_dec))
+    pre = x @ W_enc + b_enc
+    assert pre[0, 0] < theta[0] < pre[0, 0] + EPS / 2      # the trap of DESIGN.md: inactive, in the window
+    return x, W_enc, b_enc, theta, W_dec, b_dec, lam
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_jumprelu_loss_and_gradients_equal_float64_formulas(seed):
+    x, W_enc, b_enc, theta, W_dec, b_dec, lam = near_threshold_case(seed)
+    sae = JumpReLUSAE.from_tensors(torch.tensor(W_enc), torch.tensor(W_dec), torch.tensor(b_enc),
+                                   torch.tensor(b_dec), torch.tensor(theta), bandwidth=EPS).double()
+    out = sae.training_loss(torch.tensor(x), lam, backend="reference", want_active=True)
+    out.loss.backward()
+    loss, grads = numpy_jumprelu(x, W_enc, b_enc, theta, W_dec, b_dec, EPS, lam)
+    assert out.loss.item() == pytest.approx(loss, rel=1e-12)
+    names = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "threshold": sae.raw_threshold, "W_dec": sae.W_dec,
+             "b_dec": sae.b_dec}
+    for name, p in names.items():
+        np.testing.assert_allclose(p.grad.numpy(), grads[name], rtol=1e-10, atol=1e-12, err_msg=name)
+    # the inactive near-threshold latent contributes its reconstruction term to dtheta_0
+    assert abs(grads["threshold"][0]) > 0
+
+
+def test_log_theta_gradient_is_chain_rule_of_raw():
+    x, W_enc, b_enc, theta, W_dec, b_dec, lam = near_threshold_case(3)
+    sae = JumpReLUSAE(x.shape[1], W_enc.shape[1], theta_parametrisation="log", bandwidth=EPS).double()
+    with torch.no_grad():
+        for name, v in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
+            getattr(sae, name).copy_(torch.tensor(v))
+        sae.log_threshold.copy_(torch.tensor(np.log(theta)))
+    sae.training_loss(torch.tensor(x), lam, "reference", False).loss.backward()
+    _, grads = numpy_jumprelu(x, W_enc, b_enc, theta, W_dec, b_dec, EPS, lam)
+    np.testing.assert_allclose(sae.log_threshold.grad.numpy(), grads["threshold"] * theta, rtol=1e-10, atol=1e-12)
+
+
+def test_jumprelu_l1_threshold_gradient_matches_float64():
+    """L1 variant: loss = mse + lam * sum f; dtheta = -(theta/eps) K(...) (df + lam/B)."""
+    x, W_enc, b_enc, theta, W_dec, b_dec, lam = near_threshold_case(4)
+    sae = JumpReLUSAE.from_tensors(torch.tensor(W_enc), torch.tensor(W_dec), torch.tensor(b_enc),
+                                   torch.tensor(b_dec), torch.tensor(theta), bandwidth=EPS, sparsity_loss="l1").double()
+    out = sae.training_loss(torch.tensor(x), lam, "reference", True)
+    out.loss.backward()
+    B = x.shape[0]
+    pre = x @ W_enc + b_enc
+    H = (pre > theta).astype(np.float64)
+    f = pre * H
+    x_hat = f @ W_dec + b_dec
+    assert out.loss.item() == pytest.approx(np.mean(np.sum((x - x_hat) ** 2, 1) + lam * f.sum(1)), rel=1e-12)
+    df = (2 * (x_hat - x) / B) @ W_dec.T + lam / B
+    K = (np.abs((pre - theta) / EPS) < 0.5)
+    np.testing.assert_allclose(sae.raw_threshold.grad.numpy(), np.sum(-(theta / EPS) * K * df, 0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(sae.b_enc.grad.numpy(), (df * H).sum(0), rtol=1e-10, atol=1e-12)
+
+
+def test_initialisation_follows_design():
+    cfg = OmegaConf.structured(SAEConfig(width=40))
+    sae = build_sae(cfg, 12, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(40))
+    assert torch.equal(sae.W_enc, sae.W_dec.T)
+    assert not sae.b_enc.any() and not sae.b_dec.any()
+    assert torch.all(sae.threshold == 1e-3)
+    other = build_sae(cfg, 12, torch.Generator().manual_seed(1))
+    assert not torch.equal(sae.W_dec, other.W_dec)
+
+
+def test_schedules():
+    o = OmegaConf.structured(OptimConfig(lr=1.0, lr_warmup_steps=100, lambda_warmup_steps=1000))
+    assert lr_at(0, 10_000, o) == pytest.approx(0.1)
+    assert lr_at(50, 10_000, o) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(100, 10_000, o) == 1.0 and lr_at(5000, 10_000, o) == 1.0
+    assert lambda_at(0, 2.0, o) == 0.0 and lambda_at(500, 2.0, o) == pytest.approx(1.0)
+    assert lambda_at(1000, 2.0, o) == 2.0 and lambda_at(5000, 2.0, o) == 2.0
+    o.lr_decay_fraction = 0.1
+    assert lr_at(9500, 10_000, o) == pytest.approx(0.5)
+
+
+def test_step_keeps_decoder_unit_norm_and_uses_adam_betas():
+    cfg = OmegaConf.create({"sae": OmegaConf.structured(SAEConfig(width=16)),
+                            "optim": OmegaConf.structured(OptimConfig(lr=1e-2, lr_warmup_steps=0, lambda_warmup_steps=0)),
+                            "train": {"seed": 0, "dead_window_tokens": 1000, "dense_fraction": 0.1}})
+    m = Member("m", "/tmp/unused", cfg, 8, 100, "cpu", "reference")
+    assert m.optimizer.param_groups[0]["betas"] == (0.0, 0.999)
+    x = torch.randn(32, 8)
+    W_before = m.sae.W_dec.detach().clone()
+    m.step(x, 0, x.var(0).sum(), True)
+    g = m.sae.W_dec.grad
+    assert torch.allclose((g * W_before).sum(1), torch.zeros(16), atol=1e-6)   # parallel part removed
+    torch.testing.assert_close(m.sae.W_dec.norm(dim=1), torch.ones(16))
+    assert not torch.equal(m.sae.W_dec, W_before)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_folding_gives_raw_unit_sae(arch):
+    torch.manual_seed(0)
+    d, W, c = 8, 24, 7.5
+    cfg = OmegaConf.structured(SAEConfig(architecture=arch, width=W, k=4, theta_init=0.05))
+    sae = build_sae(cfg, d, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in sae.parameters():
+            if p.ndim == 1:
+                p.add_(torch.rand_like(p) * 0.1)
+    x = torch.randn(64, d) * c
+    raw = sae.folded(c)
+    torch.testing.assert_close(raw.encode(x), c * sae.encode(x / c), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(raw(x), c * sae(x / c), rtol=1e-5, atol=1e-5)
+    assert raw.architecture == arch and raw.d_in == d and raw.d_sae == W
