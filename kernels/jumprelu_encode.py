@@ -17,6 +17,10 @@ One program owns one row block and one column segment and walks the segment's co
 order, so every slot above has exactly one writer and the layout is the same bits on every run.
 A segment's list has room for every latent of the segment, so it can never overflow; only the
 first list_cnt slots are written.
+
+Dense mode (DENSE_F): when most latents fire, lists lose to tensor cores. The epilogue then also
+writes f = pre * H(pre - theta) densely in the operand dtype (for the dense decode and backward
+GEMMs), and the lists keep only the near-threshold entries, which the threshold gradient needs.
 """
 from __future__ import annotations
 
@@ -30,10 +34,10 @@ import triton.language as tl
 @triton.jit
 def jumprelu_encode_kernel(
     x_ptr, w_ptr, b_ptr, theta_ptr,
-    list_idx_ptr, list_pre_ptr, list_rank_ptr, list_cnt_ptr, act_cnt_ptr, col_cnt_ptr,
+    list_idx_ptr, list_pre_ptr, list_rank_ptr, list_cnt_ptr, act_cnt_ptr, col_cnt_ptr, f_ptr,
     B, D, W, seg_width, half_bandwidth,
     stride_xb, stride_xd, stride_wd, stride_wn,
-    N_SEG: tl.constexpr,
+    N_SEG: tl.constexpr, DENSE_F: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -66,7 +70,12 @@ def jumprelu_encode_kernel(
         valid = row_ok[:, None] & col_ok[None, :]
         active = (pre > theta[None, :]) & valid
         near = (tl.abs(pre - theta[None, :]) < half_bandwidth) & valid
-        keep = (active | near).to(tl.int32)
+        if DENSE_F:
+            f = tl.where(active, pre, 0.0).to(f_ptr.dtype.element_ty)
+            tl.store(f_ptr + rows64[:, None] * W + cols[None, :], f, mask=valid)
+            keep = near.to(tl.int32)
+        else:
+            keep = (active | near).to(tl.int32)
         slot = n_kept[:, None] + tl.cumsum(keep, axis=1) - keep
         rank = tl.cumsum(keep, axis=0) - keep
         dst = list_base[:, None] + slot
@@ -82,8 +91,10 @@ def jumprelu_encode_kernel(
 
 
 def jumprelu_encode(x, W_enc, b_enc, theta, bandwidth, *, n_seg, block_m, block_n, block_k,
-                    input_precision="ieee", num_warps=4, num_stages=3, alloc=torch.empty):
-    """Launch the encoder; returns the list buffers described in the module docstring."""
+                    input_precision="ieee", num_warps=4, num_stages=3, dense_f=False,
+                    alloc=torch.empty):
+    """Launch the encoder; returns the buffers described in the module docstring (and f [B, W]
+    in x's dtype when dense_f)."""
     B, D = x.shape
     W = W_enc.shape[1]
     seg_width = triton.cdiv(triton.cdiv(W, n_seg), block_n) * block_n
@@ -98,14 +109,15 @@ def jumprelu_encode(x, W_enc, b_enc, theta, bandwidth, *, n_seg, block_m, block_
         act_cnt=alloc((B, n_seg), dtype=torch.int32, device=dev),
         col_cnt=alloc((n_rb, W), dtype=torch.int32, device=dev),
         n_seg=n_seg, seg_width=seg_width, block_m=block_m,
+        f=alloc((B, W), dtype=x.dtype, device=dev) if dense_f else None,
     )
     jumprelu_encode_kernel[(n_rb, n_seg)](
         x, W_enc, b_enc, theta,
         out["list_idx"], out["list_pre"], out["list_rank"], out["list_cnt"], out["act_cnt"],
-        out["col_cnt"],
+        out["col_cnt"], out["f"] if dense_f else out["list_pre"],
         B, D, W, seg_width, 0.5 * float(bandwidth),
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
-        N_SEG=n_seg, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        N_SEG=n_seg, DENSE_F=dense_f, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         INPUT_PRECISION=input_precision, num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -1,20 +1,30 @@
 """Triton backend of `kernels.jumprelu_sae`: the fused forward and the sparse STE backward.
 
-Forward   jumprelu_encode.py  encoder GEMM; epilogue: b_enc, threshold, L0 counts, and per-token
-                              lists of the active and near-threshold latents (pre never stored)
-          sparse_decode.py    x_hat = f W_dec + b_dec from the lists, residual and squared error
-Backward  entry_grad.py       df = g W_dec^T at the kept entries only
-          latent_transpose.py per-latent lists by a counting sort without atomics
-          latent_grads.py     dW_enc, dW_dec, db_enc, dtheta per latent, fixed summation order
-          db_dec = sum_b g    (torch, deterministic reduction)
+Sparse path (L0 small against the width):
+  forward   jumprelu_encode.py   encoder GEMM; epilogue: b_enc, threshold, L0 counts and per-token
+                                 lists of the active and near-threshold latents (pre never stored)
+            sparse_decode.py     x_hat = f W_dec + b_dec by gathering decoder rows; residual, error
+  backward  entry_grad.py        df = g W_dec^T at the kept entries only
+            latent_transpose.py  per-latent lists by a counting sort without atomics
+            latent_grads.py      dW_enc, dW_dec, db_enc, dtheta per latent, fixed summation order
+Dense path (most latents on, e.g. at initialisation): the encoder also writes f (never pre) and
+lists only near-threshold entries; decode and the weight gradients are tensor-core GEMMs with fused
+epilogues (dense_matmul.py); dtheta still comes from the near-threshold lists.
+Both: db_dec = sum_b g and the loss scalars are fixed-order torch reductions.
 
-Everything is launched asynchronously: no `.item()`, no allocation sized by device values, so a
-training step never waits on the host. Results are the same bits for the same inputs (no atomics).
+Which path: `mode="sparse"|"dense"` forces one. "auto" (default) on CUDA *measures* both on the
+first call for a given shape and observed density bucket, and keeps the faster; the density is the
+previous call's L0 for the same threshold tensor, read back through pinned memory only once the
+copy has landed (never waiting on the device). No `.item()`, no allocation sized by device values:
+a training step does not synchronise with the host (except that one-off measurement, as Triton's
+own autotuner does). Same inputs, same bits: no atomics anywhere.
 
 Matmul precision: "bf16" (default on CUDA: bf16 operands, fp32 accumulation), "fp16", "tf32", or
 "fp32" (IEEE; the default off CUDA, i.e. under TRITON_INTERPRET=1). Set it with
 `set_matmul_precision`, the environment variable JUMPSCOPE_MATMUL_PRECISION, or the keyword
-argument. Parameters stay in their own dtype (fp32 master weights); gradients come back in it.
+argument. Parameters stay in their own dtype (fp32 master weights); gradients come back in it. On
+the dense path the operands of the backward GEMMs (g, dpre) are rounded to the operand precision
+too; on the sparse path they stay fp32.
 """
 from __future__ import annotations
 
@@ -27,6 +37,7 @@ import torch
 from . import _interpret  # noqa: F401  (before triton)
 import triton  # noqa: E402
 
+from .dense_matmul import EPILOGUE_DECODE, EPILOGUE_MASK, dense_matmul
 from .entry_grad import entry_grad
 from .jumprelu_encode import jumprelu_encode
 from .latent_grads import latent_grads
@@ -39,7 +50,12 @@ PRECISIONS = {  # name -> (operand dtype, tl.dot input_precision)
     "tf32": (torch.float32, "tf32"),
     "fp32": (torch.float32, "ieee"),
 }
+MODES = ("auto", "sparse", "dense")
 _matmul_precision: str | None = os.environ.get("JUMPSCOPE_MATMUL_PRECISION") or None
+_mode: str = os.environ.get("JUMPSCOPE_KERNEL_MODE") or "auto"
+
+# Off CUDA there is nothing to measure: "auto" takes the dense path above this L0 / width.
+CPU_DENSE_ABOVE = 0.25
 
 # Tests set this to fill every buffer the kernels allocate with garbage (NaN, or -7777 for
 # integers) so that an element a kernel forgot to write cannot pass as a plausible value.
@@ -51,6 +67,13 @@ def set_matmul_precision(name: str | None) -> None:
         raise ValueError(f"matmul precision {name!r}: choose one of {sorted(PRECISIONS)}")
     global _matmul_precision
     _matmul_precision = name
+
+
+def set_mode(name: str) -> None:
+    if name not in MODES:
+        raise ValueError(f"mode {name!r}: choose one of {MODES}")
+    global _mode
+    _mode = name
 
 
 def _alloc(shape, dtype, device):
@@ -75,15 +98,21 @@ class Blocks:
     feat: int         # features per program / chunk in the gather kernels
     tokens: int       # tokens per chunk in the per-latent reduction
     gather_warps: int
+    mm_m: int         # dense GEMM tiles
+    mm_n: int
+    mm_k: int
+    mm_group: int
+    mm_warps: int
+    mm_stages: int
 
 
 def _blocks(B: int, D: int, W: int, device: torch.device) -> tuple[Blocks, int]:
     """Block sizes and the number of column segments of the encoder grid."""
     if _interpreting() or device.type != "cuda":
         # Small blocks so that the CPU tests exercise several tiles, segments and chunks.
-        blocks = Blocks(16, 16, 16, 4, 1, 8, 16, 8, 4)
-        return blocks, 3
-    blocks = Blocks(128, 128, 64, 8, 3, 32, min(256, triton.next_power_of_2(D)), 32, 4)
+        return Blocks(16, 16, 16, 4, 1, 8, 16, 8, 4, 16, 16, 16, 2, 4, 1), 3
+    blocks = Blocks(128, 128, 64, 8, 3, 32, min(256, triton.next_power_of_2(D)), 32, 4,
+                    128, 128, 64, 8, 8, 3)
     n_sm = torch.cuda.get_device_properties(device).multi_processor_count
     n_rb = triton.cdiv(B, blocks.enc_m)
     # Enough (row block, segment) programs to fill the chip twice; each segment walks its tiles.
@@ -91,68 +120,181 @@ def _blocks(B: int, D: int, W: int, device: torch.device) -> tuple[Blocks, int]:
     return blocks, n_seg
 
 
-class JumpReLUSAETriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam, precision):
-        op_dtype, input_precision = PRECISIONS[precision]
-        B, D = x.shape
-        W = W_enc.shape[1]
-        blocks, n_seg = _blocks(B, D, W, x.device)
-        x_op = x.to(op_dtype).contiguous()
-        w_enc_op = W_enc.to(op_dtype)
-        w_dec_op = W_dec.to(op_dtype).contiguous()
-        theta_c = theta.contiguous()
-        enc = jumprelu_encode(x_op, w_enc_op, b_enc.contiguous(), theta_c, bandwidth, n_seg=n_seg,
-                              block_m=blocks.enc_m, block_n=blocks.enc_n, block_k=blocks.enc_k,
-                              input_precision=input_precision, num_warps=blocks.enc_warps,
-                              num_stages=blocks.enc_stages, alloc=_alloc)
+# --------------------------------------------------------------------------- forward / backward
+
+
+def _forward(x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam, precision, mode):
+    """Returns (loss, mse, l0, x_hat) and the state the backward needs."""
+    op_dtype, input_precision = PRECISIONS[precision]
+    B, D = x.shape
+    W = W_enc.shape[1]
+    blocks, n_seg = _blocks(B, D, W, x.device)
+    dense = mode == "dense"
+    x_op = x.to(op_dtype).contiguous()
+    w_dec_op = W_dec.to(op_dtype).contiguous()
+    theta_c = theta.contiguous()
+    enc = jumprelu_encode(x_op, W_enc.to(op_dtype), b_enc.contiguous(), theta_c, bandwidth,
+                          n_seg=n_seg, block_m=blocks.enc_m, block_n=blocks.enc_n,
+                          block_k=blocks.enc_k, input_precision=input_precision,
+                          num_warps=blocks.enc_warps, num_stages=blocks.enc_stages,
+                          dense_f=dense, alloc=_alloc)
+    out_dtype = W_dec.dtype
+    if dense:
+        x_hat, sq_err = dense_matmul(
+            enc["f"], w_dec_op, out_dtype=out_dtype, epilogue=EPILOGUE_DECODE,
+            bias=b_dec.contiguous(), x=x, block_m=blocks.mm_m, block_n=blocks.mm_n,
+            block_k=blocks.mm_k, group_m=blocks.mm_group, input_precision=input_precision,
+            num_warps=blocks.mm_warps, num_stages=blocks.mm_stages, alloc=_alloc)
+    else:
         x_hat, sq_err = sparse_decode(enc, theta_c, w_dec_op, b_dec.contiguous(), x,
                                       block_e=blocks.entries, block_d=blocks.feat,
-                                      num_warps=blocks.gather_warps, out_dtype=W_dec.dtype,
+                                      num_warps=blocks.gather_warps, out_dtype=out_dtype,
                                       alloc=_alloc)
-        out_dtype = W_dec.dtype
-        mse = (sq_err.sum() / B).to(out_dtype)
-        l0 = (enc["act_cnt"].sum(dtype=torch.int64).to(torch.float32) / B).to(out_dtype)
-        loss = mse + lam * l0
-        ctx.save_for_backward(x, x_op, x_hat, theta_c, w_dec_op, enc["list_idx"], enc["list_pre"],
-                              enc["list_rank"], enc["list_cnt"], enc["col_cnt"])
-        ctx.meta = (bandwidth, lam, blocks, enc["n_seg"], enc["seg_width"], W_enc.dtype, b_enc.dtype,
-                    theta.dtype, W_dec.dtype, b_dec.dtype)
-        return loss, mse, l0, x_hat
+    mse = (sq_err.sum() / B).to(out_dtype)
+    l0 = (enc["act_cnt"].sum(dtype=torch.int64).to(torch.float32) / B).to(out_dtype)
+    loss = mse + lam * l0
+    state = dict(x=x, x_op=x_op, x_hat=x_hat, theta=theta_c, w_dec_op=w_dec_op, enc=enc,
+                 bandwidth=bandwidth, lam=lam, blocks=blocks, dense=dense,
+                 input_precision=input_precision, op_dtype=op_dtype)
+    return (loss, mse, l0, x_hat), state
+
+
+def _backward(st, g_loss, g_mse, g_l0, g_xhat):
+    """Gradients (dW_enc, db_enc, dtheta, dW_dec, db_dec) in float32."""
+    x, x_hat, enc, blocks = st["x"], st["x_hat"], st["enc"], st["blocks"]
+    B, D = x.shape
+    W = st["theta"].shape[0]
+    zero = x_hat.new_zeros((), dtype=torch.float32)
+    g_loss = zero if g_loss is None else g_loss.float()
+    g_mse = zero if g_mse is None else g_mse.float()
+    g_l0 = zero if g_l0 is None else g_l0.float()
+    g = ((g_loss + g_mse) * (2.0 / B)) * (x_hat.float() - x.float())
+    if g_xhat is not None:
+        g = g + g_xhat.float()
+    g = g.contiguous()
+    c0 = ((g_loss * st["lam"] + g_l0) / B).reshape(1)
+    list_df = entry_grad(enc, g, st["w_dec_op"], block_e=blocks.entries, block_d=blocks.feat,
+                         num_warps=blocks.gather_warps, alloc=_alloc)
+    latent_src, col_ptr, col_tot = latent_transpose(enc, W, block_e=blocks.entries,
+                                                    num_warps=blocks.gather_warps, alloc=_alloc)
+    dense = st["dense"]
+    dw_enc_t, dw_dec, db_enc, dtheta = latent_grads(
+        latent_src, col_ptr, col_tot, enc, list_df, st["theta"], c0, st["x_op"], g,
+        st["bandwidth"], block_t=blocks.tokens, block_d=blocks.feat,
+        num_warps=blocks.gather_warps, weight_grads=not dense, alloc=_alloc)
+    if dense:
+        mm = dict(block_m=blocks.mm_m, block_n=blocks.mm_n, block_k=blocks.mm_k,
+                  group_m=blocks.mm_group, input_precision=st["input_precision"],
+                  num_warps=blocks.mm_warps, num_stages=blocks.mm_stages, alloc=_alloc)
+        f = enc["f"]
+        g_op = g.to(st["op_dtype"])
+        dpre, db_part = dense_matmul(g_op, st["w_dec_op"].t(), out_dtype=st["op_dtype"],
+                                     epilogue=EPILOGUE_MASK, mask=f, **mm)
+        db_enc = db_part.sum(0)
+        dw_enc = dense_matmul(st["x_op"].t(), dpre, **mm)
+        dw_dec = dense_matmul(f.t(), g_op, **mm)
+    else:
+        dw_enc = dw_enc_t.t()
+    return dw_enc, db_enc, dtheta, dw_dec, g.sum(0)
+
+
+class JumpReLUSAETriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam, precision, mode):
+        outputs, state = _forward(x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam,
+                                  precision, mode)
+        # Parameters go through save_for_backward so that an in-place update between forward and
+        # backward is caught; the kernels' own buffers ride on ctx.
+        ctx.save_for_backward(theta, W_dec)
+        ctx.state = state
+        ctx.dtypes = (W_enc.dtype, b_enc.dtype, theta.dtype, W_dec.dtype, b_dec.dtype)
+        return outputs
 
     @staticmethod
     def backward(ctx, g_loss, g_mse, g_l0, g_xhat):
-        (x, x_op, x_hat, theta, w_dec_op, list_idx, list_pre, list_rank, list_cnt,
-         col_cnt) = ctx.saved_tensors
-        (bandwidth, lam, blocks, n_seg, seg_width, dt_wenc, dt_benc, dt_theta, dt_wdec,
-         dt_bdec) = ctx.meta
-        B, D = x.shape
-        W = theta.shape[0]
-        enc = dict(list_idx=list_idx, list_pre=list_pre, list_rank=list_rank, list_cnt=list_cnt,
-                   col_cnt=col_cnt, n_seg=n_seg, seg_width=seg_width, block_m=blocks.enc_m)
-        zero = x_hat.new_zeros(())
-        g_loss = zero if g_loss is None else g_loss
-        g_mse = zero if g_mse is None else g_mse
-        g_l0 = zero if g_l0 is None else g_l0
-        g = ((g_loss + g_mse).float() * (2.0 / B)) * (x_hat.float() - x.float())
-        if g_xhat is not None:
-            g = g + g_xhat.float()
-        g = g.contiguous()
-        c0 = ((g_loss.float() * lam + g_l0.float()) / B).reshape(1)
-        list_df = entry_grad(enc, g, w_dec_op, block_e=blocks.entries, block_d=blocks.feat,
-                             num_warps=blocks.gather_warps, alloc=_alloc)
-        latent_src, col_ptr, col_tot = latent_transpose(enc, W, block_e=blocks.entries,
-                                                        num_warps=blocks.gather_warps, alloc=_alloc)
-        dw_enc_t, dw_dec, db_enc, dtheta = latent_grads(
-            latent_src, col_ptr, col_tot, enc, list_df, theta, c0, x_op, g, bandwidth,
-            block_t=blocks.tokens, block_d=blocks.feat, num_warps=blocks.gather_warps, alloc=_alloc)
-        db_dec = g.sum(0)
-        return (None, dw_enc_t.t().to(dt_wenc), db_enc.to(dt_benc), dtheta.to(dt_theta),
-                dw_dec.to(dt_wdec), db_dec.to(dt_bdec), None, None, None)
+        ctx.saved_tensors  # noqa: B018  (raises if a parameter was modified in place)
+        grads = _backward(ctx.state, g_loss, g_mse, g_l0, g_xhat)
+        ctx.state = None
+        grads = [gr.to(dt) for gr, dt in zip(grads, ctx.dtypes)]
+        return (None, *grads, None, None, None, None)
+
+
+# --------------------------------------------------------------------------- path selection
+
+
+class _Density:
+    """L0 / width of the previous call, per threshold tensor, read without waiting on the device:
+    until the copy of the newest value has landed, the one before it is used."""
+
+    def __init__(self):
+        self.slots: dict = {}   # key -> (host tensor, event or None, width, value before it)
+
+    def get(self, key):
+        slot = self.slots.get(key)
+        if slot is None:
+            return None
+        host, event, width, before = slot
+        if event is not None and not event.query():
+            return before
+        return float(host[0]) / width
+
+    def put(self, key, l0, width):
+        before = self.get(key)
+        if l0.device.type != "cuda":
+            self.slots[key] = (l0.detach().float().reshape(1).clone(), None, width, before)
+            return
+        host = torch.empty(1, dtype=torch.float32, pin_memory=True)
+        host.copy_(l0.detach().float().reshape(1), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.slots[key] = (host, event, width, before)
+
+
+_density = _Density()
+_decisions: dict = {}
+
+
+def _density_bucket(density):
+    if density is None:
+        return None
+    return round(math.log2(max(density, 1e-6)) * 2) / 2   # half-octave buckets
+
+
+def _measure(args) -> str:
+    """Time forward + backward of both paths on these inputs; return the faster."""
+    times = {}
+    for mode in ("sparse", "dense"):
+        def step():
+            outputs, state = _forward(*args, mode)
+            ones = outputs[0].new_ones(())
+            _backward(state, ones, None, None, None)
+        step()                                   # compiles
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        samples = []
+        for _ in range(3):
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        times[mode] = sorted(samples)[1]
+    return min(times, key=times.get)
+
+
+def _choose_mode(x, W_enc, theta, args) -> str:
+    W = W_enc.shape[1]
+    density = _density.get((theta.data_ptr(), W))
+    if not x.is_cuda:
+        return "dense" if density is not None and density > CPU_DENSE_ABOVE else "sparse"
+    key = (x.shape[0], x.shape[1], W, args[-1], x.device.index, _density_bucket(density))
+    if key not in _decisions:
+        _decisions[key] = _measure(args)
+    return _decisions[key]
 
 
 def jumprelu_sae_triton(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth=1e-3, lam=0.0,
-                        precision: str | None = None):
+                        precision: str | None = None, mode: str | None = None):
     """(loss, mse, l0, x_hat); differentiable in W_enc, b_enc, threshold, W_dec, b_dec."""
     if x.dim() != 2:
         raise ValueError(f"x must be [batch, d_in], got shape {tuple(x.shape)}")
@@ -164,5 +306,13 @@ def jumprelu_sae_triton(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth=1e-3
     precision = precision or _matmul_precision or ("bf16" if x.is_cuda else "fp32")
     if precision not in PRECISIONS:
         raise ValueError(f"matmul precision {precision!r}: choose one of {sorted(PRECISIONS)}")
-    return JumpReLUSAETriton.apply(x, W_enc, b_enc, threshold, W_dec, b_dec, float(bandwidth),
-                                   float(lam), precision)
+    mode = mode or _mode
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: choose one of {MODES}")
+    args = (x, W_enc, b_enc, threshold, W_dec, b_dec, float(bandwidth), float(lam), precision)
+    if mode == "auto":
+        with torch.no_grad():
+            mode = _choose_mode(x, W_enc, threshold, args)
+    out = JumpReLUSAETriton.apply(*args, mode)
+    _density.put((threshold.data_ptr(), W_enc.shape[1]), out[2], W_enc.shape[1])
+    return out

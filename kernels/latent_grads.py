@@ -12,6 +12,8 @@ with "near" = |pre - theta| < eps/2 (rectangle kernel) and c0 = (dL/dloss * lam 
 from device memory so that no host synchronisation is needed. Latents nobody kept get zeros.
 Each output element has one writer and a fixed summation order: same inputs, same bits.
 dW_enc is produced transposed ([W, d]) so that each program writes contiguous rows.
+With WEIGHT_GRADS off (the dense path, whose lists hold only near-threshold entries and whose
+weight gradients come from GEMMs) only dtheta is computed.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ def latent_grads_kernel(
     x_ptr, g_ptr, dw_enc_t_ptr, dw_dec_ptr, db_enc_ptr, dtheta_ptr,
     D, list_row_stride, half_bandwidth, inv_bandwidth,
     stride_xb, stride_xd, stride_gb, stride_gd,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    WEIGHT_GRADS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     latent = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -51,41 +53,52 @@ def latent_grads_kernel(
         df = tl.load(list_df_ptr + src, mask=t_ok, other=0.0)
         active = t_ok & (pre > theta)
         near = t_ok & (tl.abs(pre - theta) < half_bandwidth)
-        f = tl.where(active, pre, 0.0)
-        dpre = tl.where(active, df, 0.0)
-        x = tl.load(x_ptr + token[:, None] * stride_xb + dcols[None, :] * stride_xd,
-                    mask=active[:, None] & d_ok[None, :], other=0.0)
-        g = tl.load(g_ptr + token[:, None] * stride_gb + dcols[None, :] * stride_gd,
-                    mask=active[:, None] & d_ok[None, :], other=0.0)
-        acc_enc += tl.sum(dpre[:, None] * x.to(tl.float32), axis=0)
-        acc_dec += tl.sum(f[:, None] * g.to(tl.float32), axis=0)
-        sum_dpre += dpre
+        if WEIGHT_GRADS:
+            f = tl.where(active, pre, 0.0)
+            dpre = tl.where(active, df, 0.0)
+            x = tl.load(x_ptr + token[:, None] * stride_xb + dcols[None, :] * stride_xd,
+                        mask=active[:, None] & d_ok[None, :], other=0.0)
+            g = tl.load(g_ptr + token[:, None] * stride_gb + dcols[None, :] * stride_gd,
+                        mask=active[:, None] & d_ok[None, :], other=0.0)
+            acc_enc += tl.sum(dpre[:, None] * x.to(tl.float32), axis=0)
+            acc_dec += tl.sum(f[:, None] * g.to(tl.float32), axis=0)
+            sum_dpre += dpre
         sum_near_df += tl.where(near, df, 0.0)
         n_near += near.to(tl.float32)
-    tl.store(dw_enc_t_ptr + latent * D + dcols, acc_enc, mask=d_ok)
-    tl.store(dw_dec_ptr + latent * D + dcols, acc_dec, mask=d_ok)
+    if WEIGHT_GRADS:
+        tl.store(dw_enc_t_ptr + latent * D + dcols, acc_enc, mask=d_ok)
+        tl.store(dw_dec_ptr + latent * D + dcols, acc_dec, mask=d_ok)
     if pid_d == 0:
         c0 = tl.load(c0_ptr).to(tl.float32)
-        tl.store(db_enc_ptr + latent, tl.sum(sum_dpre, axis=0))
+        if WEIGHT_GRADS:
+            tl.store(db_enc_ptr + latent, tl.sum(sum_dpre, axis=0))
         dtheta = -(theta * tl.sum(sum_near_df, axis=0) + c0 * tl.sum(n_near, axis=0)) * inv_bandwidth
         tl.store(dtheta_ptr + latent, dtheta)
 
 
 def latent_grads(latent_src, col_ptr, col_tot, enc, list_df, theta, c0, x, g, bandwidth, *,
-                 block_t, block_d, num_warps=4, alloc=torch.empty):
-    """Returns dW_enc^T [W, d], dW_dec [W, d], db_enc [W], dtheta [W], all float32."""
+                 block_t, block_d, num_warps=4, weight_grads=True, alloc=torch.empty):
+    """Returns dW_enc^T [W, d], dW_dec [W, d], db_enc [W], dtheta [W], all float32
+    (only dtheta, the others None, without weight_grads)."""
     W = theta.shape[0]
     B, D = x.shape
     dev = x.device
-    dw_enc_t = alloc((W, D), dtype=torch.float32, device=dev)
-    dw_dec = alloc((W, D), dtype=torch.float32, device=dev)
-    db_enc = alloc((W,), dtype=torch.float32, device=dev)
     dtheta = alloc((W,), dtype=torch.float32, device=dev)
-    latent_grads_kernel[(W, triton.cdiv(D, block_d))](
+    if weight_grads:
+        dw_enc_t = alloc((W, D), dtype=torch.float32, device=dev)
+        dw_dec = alloc((W, D), dtype=torch.float32, device=dev)
+        db_enc = alloc((W,), dtype=torch.float32, device=dev)
+        grid = (W, triton.cdiv(D, block_d))
+    else:
+        dw_enc_t = dw_dec = db_enc = dtheta
+        grid = (W, 1)
+    latent_grads_kernel[grid](
         latent_src, col_ptr, col_tot, enc["list_pre"], list_df, theta, c0,
         x, g, dw_enc_t, dw_dec, db_enc, dtheta,
         D, enc["list_pre"].stride(0), 0.5 * float(bandwidth), 1.0 / float(bandwidth),
         x.stride(0), x.stride(1), g.stride(0), g.stride(1),
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+        WEIGHT_GRADS=weight_grads, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
     )
+    if not weight_grads:
+        return None, None, None, dtheta
     return dw_enc_t, dw_dec, db_enc, dtheta

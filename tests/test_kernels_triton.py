@@ -6,7 +6,9 @@ same checks run compiled, plus bf16 and tf32.
 
 Why the tolerances can be tight: operands are drawn already rounded to the operand precision, so
 every product in the kernels is exact and the only error is fp32 accumulation, against a float64
-reference on the very same values. Thresholds are placed (via b_enc) so that no pre-activation lies
+reference on the very same values. The one exception is by design: the dense path rounds f, g and
+dpre to the operand precision for its tensor-core GEMMs, so there the bound is a few unit
+roundoffs of that precision (DENSE_HALF_TOL). Thresholds are placed (via b_enc) so that no pre-activation lies
 within MARGIN of a decision boundary (theta, theta +- bandwidth/2), so no entry can flip sides
 because of rounding; and so that some pre-activations fall inside the bandwidth window on both
 sides of theta, which the threshold gradient must see.
@@ -28,6 +30,8 @@ gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 BANDWIDTH = 0.25
 MARGIN = 1e-3            # pre-activations are O(1); fp32 accumulation errors are ~1e-6
 REL_TOL = 2e-5           # normwise relative error, fp32 accumulation of exact products
+UNIT_ROUNDOFF = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
+DENSE_HALF_TOL = 4       # x unit roundoff: dense path with f, g, dpre rounded to fp16/bf16
 OPERAND_DTYPE = {"fp32": torch.float16, "fp16": torch.float16, "tf32": torch.float16,
                  "bf16": torch.bfloat16}  # fp16-rounded values are exact in fp32 and tf32 too
 
@@ -100,10 +104,18 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(jt, "POISON_BUFFERS", True)
 
 
-def check_against_reference(B, D, W, regime, precision, seed, lam=0.6, rel_tol=REL_TOL):
+def tolerance(precision, mode):
+    if mode == "dense" and precision in UNIT_ROUNDOFF:
+        return DENSE_HALF_TOL * UNIT_ROUNDOFF[precision]
+    return REL_TOL
+
+
+def check_against_reference(B, D, W, regime, precision, seed, mode, lam=0.6):
+    rel_tol = tolerance(precision, mode)
     x, params = make_problem(B, D, W, regime, precision, seed)
     weights = objective_weights(B, D, seed)
-    got = run(jt.jumprelu_sae_triton, x, params, lam, weights, torch.float32, precision=precision)
+    got = run(jt.jumprelu_sae_triton, x, params, lam, weights, torch.float32, precision=precision,
+              mode=mode)
     want = run(jumprelu_sae_reference, x.cpu(), [p.cpu() for p in params], lam, weights,
                torch.float64)
     # L0 is a count: it must be exact, and it must be the regime we asked for.
@@ -131,19 +143,36 @@ CPU_CASES = [
 ]
 
 
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("B,D,W,regime,seed", CPU_CASES)
-def test_triton_matches_float64_reference(poisoned, B, D, W, regime, seed, precision):
-    check_against_reference(B, D, W, regime, precision, seed)
+def test_triton_matches_float64_reference(poisoned, B, D, W, regime, seed, precision, mode):
+    check_against_reference(B, D, W, regime, precision, seed, mode)
 
 
-def test_triton_is_deterministic(poisoned):
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_triton_is_deterministic(poisoned, mode):
     x, params = make_problem(31, 19, 58, "mixed", "fp32", 7)
     weights = objective_weights(31, 19, 7)
-    a = run(jt.jumprelu_sae_triton, x, params, 0.3, weights, torch.float32)
-    b = run(jt.jumprelu_sae_triton, x, params, 0.3, weights, torch.float32)
+    a = run(jt.jumprelu_sae_triton, x, params, 0.3, weights, torch.float32, mode=mode)
+    b = run(jt.jumprelu_sae_triton, x, params, 0.3, weights, torch.float32, mode=mode)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_auto_mode_follows_previous_density(monkeypatch):
+    """Off CUDA, "auto" picks the path from the previous call's L0 / width for this threshold."""
+    chosen = []
+    forward = jt._forward
+    monkeypatch.setattr(jt, "_forward", lambda *a: chosen.append(a[-1]) or forward(*a))
+    x, params = make_problem(20, 17, 40, "dense", "fp32", 9)
+    for _ in range(2):
+        jt.jumprelu_sae_triton(x, *params, BANDWIDTH, 0.1, mode="auto")
+    x, sparse_params = make_problem(20, 17, 40, "none", "fp32", 9)
+    params[1].copy_(sparse_params[1])   # same threshold tensor, now nothing fires
+    for _ in range(2):
+        jt.jumprelu_sae_triton(x, *params, BANDWIDTH, 0.1, mode="auto")
+    assert chosen == ["sparse", "dense", "dense", "sparse"]
 
 
 def test_public_api_dispatches_to_triton(poisoned):
@@ -203,25 +232,29 @@ GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "tf32", "fp32", "fp16"])
 @pytest.mark.parametrize("B,D,W,regime,seed", GPU_CASES)
-def test_triton_matches_float64_reference_gpu(poisoned, B, D, W, regime, seed, precision):
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_triton_matches_float64_reference_gpu(poisoned, B, D, W, regime, seed, precision, mode):
     # Operands drawn already bf16/fp16-rounded, so bf16 and tf32 dots are exact products with
-    # fp32 accumulation: the same 2e-5 normwise tolerance as fp32 holds.
-    check_against_reference(B, D, W, regime, precision, seed)
+    # fp32 accumulation: the same 2e-5 normwise tolerance as fp32 holds on the sparse path; the
+    # dense path with bf16/fp16 operands is held to 4 unit roundoffs (tolerance()).
+    check_against_reference(B, D, W, regime, precision, seed, mode)
 
 
 @gpu_only
 @pytest.mark.gpu
-def test_triton_gpu_deterministic_and_no_host_sync(poisoned):
+@pytest.mark.parametrize("mode", ["sparse", "dense", "auto"])
+def test_triton_gpu_deterministic_and_no_host_sync(poisoned, mode):
     x, params = make_problem(1000, 256, 2048, "mixed", "bf16", 31)
     a_w, R = objective_weights(1000, 256, 31)
     weights = (a_w.to(DEVICE), R.to(DEVICE))
-    run(jt.jumprelu_sae_triton, x, params, 0.3, weights, torch.float32)  # compile first
+    for _ in range(2):  # compile, and let "auto" measure and see the density once
+        run(jt.jumprelu_sae_triton, x, params, 0.3, weights, torch.float32, mode=mode)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        a = run(jt.jumprelu_sae_triton, x, params, 0.3, weights, torch.float32)
+        a = run(jt.jumprelu_sae_triton, x, params, 0.3, weights, torch.float32, mode=mode)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    b = run(jt.jumprelu_sae_triton, x, params, 0.3, weights, torch.float32)
+    b = run(jt.jumprelu_sae_triton, x, params, 0.3, weights, torch.float32, mode=mode)
     for name in a:
         assert torch.equal(a[name], b[name]), name
