@@ -50,15 +50,27 @@ class ExportConfig:
 
 
 @dataclass
+class AblationArm:
+    preset: str = MISSING                 # conf/sae/<preset>.yaml (architecture and sparsity loss)
+    knob: str = "sparsity_coeff"          # the sae.<field> that sets sparsity (k for TopK)
+    levels: List[float] = field(default_factory=list)
+
+
+@dataclass
 class AblationConfig:
     cache: str = MISSING
     layer: int = MISSING
     sublayer: str = MISSING
     run_dir: str = MISSING
-    # Each arm is one architecture and sparsity penalty, trained at every sparsity level in its list.
-    arms: List[Dict[str, Any]] = field(default_factory=list)
-    # Hydra overrides passed to every member of the sweep (e.g. "train.total_tokens=2e5").
+    # Every arm at every one of its levels, trained as ONE `python -m train.sweep` (lock-step).
+    arms: List[AblationArm] = field(default_factory=list)
+    # Training budget: auto picks `small` for caches under small_cache_tokens tokens, else `paper`.
+    budget: str = "auto"
+    small_cache_tokens: int = 50_000_000
+    budgets: Dict[str, List[str]] = field(default_factory=dict)
+    # Further train.sweep overrides, applied after the budget's (e.g. "sae.expansion=16").
     train_overrides: List[str] = field(default_factory=list)
+    train: bool = True                    # false: only evaluate an existing ablation sweep in run_dir
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(run="${..run_dir}"))
 
 

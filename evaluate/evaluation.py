@@ -66,8 +66,8 @@ def _evaluate_group(members: list[EvalTarget], cache: str, layer: int, sublayer:
         bar.update(len(tokens))
     bar.close()
 
-    results = [{"reconstruction": acc.result(), "heldout": {**t.heldout, "n_sequences": len(seqs),
-                                                            "context_length": source.context_length}}
+    results = [{"reconstruction": acc.result(),
+                "heldout": {**t.heldout, "n_sequences_evaluated": len(seqs), "context_length": source.context_length}}
                for t, acc in zip(members, accs)]
     if n_lm == 0:
         for r in results:

@@ -37,14 +37,19 @@ def cache_facts(cache: str) -> dict:
     except Exception:
         return {}
     harvest = attrs.get("harvest_config") if isinstance(attrs.get("harvest_config"), dict) else {}
-    model = attrs.get("model")
-    model_id = model.get("id") or model.get("model") if isinstance(model, dict) else model
-    model_id = model_id or (harvest.get("model") or {}).get("path")
-    data = attrs.get("data") if attrs.get("data") is not None else harvest.get("data")
+    model_id = _model_id(attrs.get("model")) or (harvest.get("model") or {}).get("path")
+    data = next((attrs[k] for k in ("data_source", "data") if attrs.get(k) is not None), harvest.get("data"))
     if isinstance(data, dict):
         data = (data.get("dataset") or data.get("path") or data.get("source")
-                or (f"bundled:{data.get('kind')}" if data.get("kind") else None))
+                or (f"{data['kind']}:{data.get('file', '')}" if data.get("kind") else None))
     return {"context_length": attrs.get("context_length"), "model": model_id, "dataset": data}
+
+
+def _model_id(model) -> Optional[str]:
+    """sae.json's `model` is the cache's model record: a dict (id, revision, ...) or a plain name."""
+    if isinstance(model, dict):
+        return model.get("id") or model.get("model") or model.get("path") or model.get("model_name")
+    return model
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
@@ -66,7 +71,7 @@ def export(cfg: ExportConfig) -> Path:
     settings = SimpleNamespace(layer=None, sublayer=None, cache=None)
     target = load_run_folder(run, settings, device="cpu")
     facts = cache_facts(target.cache)
-    model_name: Optional[str] = cfg.model_name or target.meta.get("model") or facts.get("model")
+    model_name: Optional[str] = cfg.model_name or _model_id(target.meta.get("model")) or facts.get("model")
     dataset: Optional[str] = cfg.dataset or facts.get("dataset")
     provenance = {"model": model_name, "layer": target.layer, "sublayer": target.sublayer,
                   "cache": target.cache, "heldout": target.heldout, "architecture": target.meta.get("architecture"),

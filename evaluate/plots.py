@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
 # Fixed colours per architecture label, so every plot of a sweep agrees.
@@ -19,8 +20,23 @@ COLOURS = {"jumprelu+l0": "tab:red", "jumprelu+l1": "tab:orange", "relu+l1": "ta
            "topk": "tab:green", "gated+l1": "tab:purple"}
 
 
+MARKERS = {"jumprelu+l0": "o-", "jumprelu+l1": "s--", "relu+l1": "^-", "topk": "D-", "gated+l1": "v-"}
+
+
 def _colour(label: str, i: int) -> str:
     return COLOURS.get(label, f"C{(i + 5) % 10}")
+
+
+def _style(label: str) -> str:
+    return MARKERS.get(label, "o-")
+
+
+def log_l0_axis(ax) -> None:
+    """Log-scaled L0 axis labelled 1, 2, 5, 10, 20, ... rather than in powers of ten."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _finite(v) -> bool:
@@ -39,8 +55,8 @@ def frontier(reports: list[dict], y: str, path: Path, title: str) -> Optional[Pa
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for i, (label, pts) in enumerate(sorted(series.items())):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=_colour(label, i), label=label)
-    ax.set_xscale("log")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], _style(label), color=_colour(label, i), label=label)
+    log_l0_axis(ax)
     ax.set_xlabel("L0 (mean active latents per token, held-out)")
     ylabels = {"fvu": "fraction of variance unexplained", "delta_ce": "delta LM loss (nats / token)"}
     ax.set_ylabel(ylabels.get(y, y))

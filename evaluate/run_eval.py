@@ -2,6 +2,7 @@
 report.json per SAE plus (for several SAEs) table.md / table.csv and the plots into the report folder."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from . import plots
@@ -41,8 +42,12 @@ def run_evaluation(cfg) -> dict:
 
 
 def print_summary(outcome: dict) -> None:
-    for row in outcome["rows"]:
-        lm = "" if row["delta_ce"] is None else f"  delta CE {row['delta_ce']:.4g}  recovered {row['fraction_recovered']:.4g}"
-        print(f"{row['name']:>24}  {row['architecture']:<12} {row['sparsity']:<14} L0 {row['l0']:8.3f}  "
+    rows = outcome["rows"]
+    width = max([len(r["name"]) for r in rows] + [4])
+    for row in rows:
+        lm = row["delta_ce"]
+        lm = (f"  delta CE {lm:.4g}  recovered {row['fraction_recovered']:.4g}"
+              if isinstance(lm, float) and math.isfinite(lm) else "")
+        print(f"{row['name']:<{width}}  {row['architecture']:<12} {row['sparsity']:<14} L0 {row['l0']:8.3f}  "
               f"FVU {row['fvu']:.4f}  dead {row['dead_fraction']:.3f}  dense {row['dense_fraction']:.3f}{lm}")
     print(f"report: {outcome['folder']}")
