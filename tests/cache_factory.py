@@ -37,7 +37,8 @@ def stored_as_float(acts, storage_dtype: str) -> np.ndarray:
 def write_cache(path, activations: dict, *, context_length: int, chunk_rows: int, tokens=None,
                 bos_token_id: int = 2, vocab_size: int = 256, storage_dtype: str = "bfloat16",
                 incomplete=(), format_version: int = 1, write_mean_squared_norm: bool = True,
-                seed: int = 0) -> Path:
+                mean_squared_norm: float | None = None, seed: int = 0) -> Path:
+    """mean_squared_norm: the attribute to write (default: computed from the complete non-BOS rows)."""
     path = Path(path)
     n_tokens = len(next(iter(activations.values())))
     assert n_tokens % chunk_rows == 0 and chunk_rows % context_length == 0
@@ -68,7 +69,8 @@ def write_cache(path, activations: dict, *, context_length: int, chunk_rows: int
         attrs = {"storage_dtype": storage_dtype}
         if write_mean_squared_norm:
             rows = values[not_bos & row_written] if written.any() else values[not_bos]
-            attrs["mean_squared_norm"] = float((rows ** 2).sum(-1).mean())
+            attrs["mean_squared_norm"] = (float((rows ** 2).sum(-1).mean()) if mean_squared_norm is None
+                                          else float(mean_squared_norm))
         arr = group.create_array(f"layer_{layer}/{sublayer}", shape=stored.shape,
                                  chunks=(chunk_rows, stored.shape[1]), dtype=stored.dtype,
                                  compressors=None, fill_value=0, config=cfg, attributes=attrs)

@@ -7,12 +7,12 @@ from pathlib import Path
 import hydra
 
 from . import config  # noqa: F401  (registers the schemas)
-from .cli import run_training
+from .cli import main_entry
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg) -> None:
-    run_training(cfg, single=True)
+    main_entry(cfg, single=True)
 
 
 if __name__ == "__main__":

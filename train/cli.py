@@ -35,11 +35,7 @@ def run_training(cfg, single: bool):
         specs = [MemberSpec(name, run_dir / name, m) for _, name, m in mine]
         ckpt = run_dir / ("checkpoint.pt" if n_shards == 1 else f"checkpoint_shard{shard}of{n_shards}.pt")
         print(f"[sweep] {len(specs)} members in lock-step: " + ", ".join(s.name for s in specs))
-    try:
-        final = train_members(cfg, specs, ckpt)
-    except (CacheError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    final = train_members(cfg, specs, ckpt)
     if final is not None:
         for name, metrics in final.items():
             shown = {k: metrics[k] for k in ("fvu", "mse", "l0", "dead", "dense", "loss") if k in metrics}
@@ -50,6 +46,15 @@ def run_training(cfg, single: bool):
         else:
             print(f"[sweep] wrote {len(specs)} run folders under {run_dir}")
     return final
+
+
+def main_entry(cfg, single: bool):
+    """run_training for the command line: bad input ends the process with its message, no traceback."""
+    try:
+        return run_training(cfg, single)
+    except (CacheError, TrainingDiverged, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _hydra_job_num():

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import OmegaConf
 
 from . import config  # noqa: F401  (registers the schemas)
-from .cli import run_training
+from .cli import main_entry
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -77,7 +77,7 @@ def member_configs(cfg) -> list[tuple[str, object]]:
 
 @hydra.main(config_path="../conf", config_name="train_sweep", version_base="1.3")
 def main(cfg) -> None:
-    run_training(cfg, single=False)
+    main_entry(cfg, single=False)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,183 @@
+"""The training loop end to end on small caches: run folder, resume bit for bit, sweeps, bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+import train.config  # noqa: F401
+import train.loader
+from tests.cache_factory import sparse_feature_activations, write_cache
+from train.cache_reader import CacheError
+from train.cli import run_training
+from train.loop import TrainingDiverged
+from train.member import Member
+from train.run_folder import load_sae
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_cfg(cache, run_dir, *overrides, sweep=False):
+    base = [f"cache={cache}", "layer=3", "sublayer=mlp_out", f"run_dir={run_dir}", "train.progress=false",
+            "train.tensorboard=false", "loader.batch_size=32", "loader.buffer_tokens=64", "loader.num_readers=2",
+            "train.total_tokens=384", "train.log_every_steps=4", "train.checkpoint_every_steps=4",
+            "sae.width=16", "optim.lr=1e-2", "optim.lr_warmup_steps=3", "optim.lambda_warmup_steps=5",
+            "loader.heldout_fraction=0.1"]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("train_sweep" if sweep else "train", overrides=base + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    x, _, _ = sparse_feature_activations(16 * 48, 8, 12, 2, seed=1)
+    return write_cache(tmp_path_factory.mktemp("c") / "cache", {(3, "mlp_out"): x}, context_length=16,
+                       chunk_rows=32, incomplete=[4])
+
+
+def weights_bytes(run_dir):
+    return (Path(run_dir) / "sae.safetensors").read_bytes()
+
+
+def test_run_folder_metrics_and_load(cache, tmp_path, capsys):
+    cfg = make_cfg(cache, tmp_path / "run", "train.tensorboard=true")
+    final = run_training(cfg, single=True)
+    assert "training on the 23 complete chunks of 24" in capsys.readouterr().out
+    run = tmp_path / "run"
+    meta = json.loads((run / "sae.json").read_text())
+    for key in ("architecture", "d_in", "d_sae", "model", "layer", "sublayer", "cache", "normalisation",
+                "hyperparameters_train", "final_metrics", "heldout"):
+        assert key in meta, key
+    assert meta["architecture"] == "jumprelu" and meta["d_in"] == 8 and meta["d_sae"] == 16
+    assert meta["layer"] == 3 and meta["sublayer"] == "mlp_out" and meta["model"]["id"] == "synthetic"
+    assert meta["training"]["steps"] == 12 and meta["heldout"]["count"] == 5     # round(0.1 * 48)
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [4, 8, 12]
+    for key in ("loss", "mse", "fvu", "l0", "dead", "dense", "threshold_mean", "threshold_min", "tokens_per_s"):
+        assert key in lines[-1], key
+    assert final["jumprelu"] == {k: v for k, v in lines[-1].items() if k != "step"} == meta["final_metrics"]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    sae, meta2 = load_sae(run)
+    assert meta2 == meta and sae.architecture == "jumprelu"
+    assert set(meta["tensors"]) == {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}
+    # raw units: the saved SAE on raw x equals scale * (trained SAE on x / scale), i.e. its loss is scale^2 x
+    x = torch.randn(5, 8) * meta["normalisation"]["scale"]
+    assert sae(x).shape == (5, 8) and sae.encode(x).shape == (5, 16)
+    assert torch.all(sae.threshold > 0)
+
+
+def test_resume_after_crash_equals_uninterrupted_bit_for_bit(cache, tmp_path, monkeypatch):
+    run_training(make_cfg(cache, tmp_path / "full"), single=True)
+
+    real_step, calls = Member.step, {"n": 0}
+
+    def crashing_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:                      # dies inside step 7, after the checkpoint at step 4
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(Member, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(make_cfg(cache, tmp_path / "crash"), single=True)
+    monkeypatch.setattr(Member, "step", real_step)
+    assert not (tmp_path / "crash" / "sae.safetensors").exists()
+    assert torch.load(tmp_path / "crash" / "checkpoint.pt", weights_only=False)["step"] == 4
+    run_training(make_cfg(cache, tmp_path / "crash"), single=True)     # the same command resumes
+    assert weights_bytes(tmp_path / "crash") == weights_bytes(tmp_path / "full")
+    steps = [json.loads(l)["step"] for l in (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 8, 12]
+
+
+def test_max_steps_this_run_slices_resume_bit_for_bit(cache, tmp_path):
+    run_training(make_cfg(cache, tmp_path / "full", "train.checkpoint_every_steps=0"), single=True)
+    sliced = tmp_path / "sliced"
+    for _ in range(2):
+        assert run_training(make_cfg(cache, sliced, "train.max_steps_this_run=5",
+                                     "train.checkpoint_every_steps=0"), single=True) is None
+    assert run_training(make_cfg(cache, sliced, "train.max_steps_this_run=5",
+                                 "train.checkpoint_every_steps=0"), single=True) is not None
+    assert weights_bytes(sliced) == weights_bytes(tmp_path / "full")
+
+
+def test_sweep_members_equal_single_runs_and_read_the_cache_once(cache, tmp_path, monkeypatch):
+    reads = {"n": 0}
+    real_read = train.loader._read_into
+
+    def counting_read(*a):
+        reads["n"] += 1
+        return real_read(*a)
+
+    monkeypatch.setattr(train.loader, "_read_into", counting_read)
+    run_training(make_cfg(cache, tmp_path / "single", "sae.sparsity_coeff=0.02"), single=True)
+    single_reads, reads["n"] = reads["n"], 0
+    final = run_training(make_cfg(cache, tmp_path / "sweep", "sweep.grid.sae.sparsity_coeff=[0.001,0.02,0.1]",
+                                  sweep=True), single=False)
+    assert reads["n"] == single_reads                         # K=3 members, one read of each chunk
+    assert sorted(final) == ["sparsity_coeff=0.001", "sparsity_coeff=0.02", "sparsity_coeff=0.1"]
+    member = tmp_path / "sweep" / "sparsity_coeff=0.02"
+    assert weights_bytes(member) == weights_bytes(tmp_path / "single")
+    assert weights_bytes(member) != weights_bytes(tmp_path / "sweep" / "sparsity_coeff=0.1")
+    assert json.loads((member / "sae.json").read_text())["hyperparameters_train"]["sae"]["sparsity_coeff"] == 0.02
+
+
+def test_architecture_sweep_uses_presets(cache, tmp_path):
+    members = "[{preset:jumprelu},{preset:jumprelu_l1},{preset:relu},{preset:topk,sae:{k:4}},{preset:gated}]"
+    final = run_training(make_cfg(cache, tmp_path / "abl", "sweep=ablation", f"sweep.members={members}",
+                                  "train.total_tokens=128", sweep=True), single=False)
+    assert sorted(final) == ["gated", "jumprelu", "jumprelu_l1", "relu", "topk"]
+    for name in final:
+        sae, meta = load_sae(tmp_path / "abl" / name)
+        assert sae.d_sae == 16 and sae(torch.randn(3, 8)).shape == (3, 8)
+        assert meta["hyperparameters_train"]["sae"]["architecture"] == sae.architecture
+    assert load_sae(tmp_path / "abl" / "topk")[0].k == 4
+    assert load_sae(tmp_path / "abl" / "jumprelu_l1")[1]["hyperparameters"]["sparsity_loss"] == "l1"
+    assert load_sae(tmp_path / "abl" / "relu")[1]["hyperparameters_train"]["sae"]["sparsity_coeff"] == 3e-3
+
+
+def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
+    x, _, _ = sparse_feature_activations(16 * 48, 8, 12, 2, seed=2)
+    x[32 * 20:32 * 21] = 1e30                 # chunk 20 overflows float32 once squared
+    cache = write_cache(tmp_path / "c", {(3, "mlp_out"): x}, context_length=16, chunk_rows=32,
+                        mean_squared_norm=2.0)
+    with pytest.raises(TrainingDiverged) as e:
+        run_training(make_cfg(cache, tmp_path / "run", "loader.heldout_fraction=0", "train.total_tokens=1536"),
+                     single=True)
+    msg = str(e.value)
+    step = int(msg.split("non-finite loss at step ")[1].split(";")[0])
+    assert "last good checkpoint" in msg or "no checkpoint" in msg
+    if "last good checkpoint" in msg:
+        good = int(msg.split("(step ")[1].split(")")[0])
+        assert good <= step and torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == good
+    assert not (tmp_path / "run" / "sae.safetensors").exists()
+
+
+def test_incomplete_cache_refused_when_asked(cache, tmp_path):
+    with pytest.raises(CacheError, match="23 of 24 chunks complete"):
+        cfg = make_cfg(cache, tmp_path / "r", "loader.require_complete=true")
+        run_training(cfg, single=True)
+
+
+def test_config_typos_fail_at_composition(cache, tmp_path):
+    with pytest.raises(ConfigCompositionException):
+        make_cfg(cache, tmp_path / "r", "sae.sparsity_cof=1")
+    with pytest.raises(MissingConfigException):
+        make_cfg(cache, tmp_path / "r", "sae=jumprelo")
+    with pytest.raises(ConfigCompositionException):
+        make_cfg(cache, tmp_path / "r", "loader.batch_size=many")
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_runs_and_rejects_missing_layer(cache, tmp_path):
+    args = [sys.executable, "-m", "train", f"cache={cache}", "sublayer=mlp_out", "train.progress=false",
+            "train.total_tokens=64", "loader.batch_size=32", "sae.width=16", "train.tensorboard=false"]
+    ok = subprocess.run(args + ["layer=3", f"run_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "run" / "sae.safetensors").exists() and (tmp_path / "run" / ".hydra").exists()
+    bad = subprocess.run(args + ["layer=7", f"run_dir={tmp_path / 'bad'}"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "It holds: layer_3/mlp_out" in bad.stderr
