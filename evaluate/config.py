@@ -20,9 +20,14 @@ class EvalConfig:
     # The site, for a params.npz (a run folder records its own; given here, they must agree).
     layer: Optional[int] = None
     sublayer: Optional[str] = None
+    # Held-out rule for a params.npz without provenance.json (a released SAE); null: the trainer's
+    # defaults, so it is evaluated on the same sequences as SAEs trained with them. Run folders always
+    # use the rule recorded in their sae.json (anything else would evaluate on training data).
+    heldout_fraction: Optional[float] = None
+    heldout_seed: Optional[int] = None
     # Report folder; default: <run>/eval (for a params.npz: <its folder>/eval_<file stem>).
     out: Optional[str] = None
-    device: str = "cpu"
+    device: str = "auto"                 # auto: cuda when available, else cpu
     # Held-out tokens used for the reconstruction metrics (null: all of them).
     max_tokens: Optional[int] = 1_048_576
     # Held-out sequences re-run through the model for delta LM loss (0: skip delta LM loss).

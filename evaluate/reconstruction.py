@@ -50,30 +50,30 @@ class ReconstructionAccumulator:
 
     @torch.no_grad()
     def update(self, sae: torch.nn.Module, x: torch.Tensor, keep: torch.Tensor) -> None:
+        """Reductions run where x lives (CPU or GPU) in float64; the running sums stay on the CPU."""
         n_seq, T, d = x.shape
         if T != self.T:
             raise ValueError(f"expected sequences of {self.T} positions, got {T}")
-        x = x.float()
-        flat = x.reshape(-1, d)
+        flat = x.float().reshape(-1, d)
         f = sae.encode(flat)
         x_hat = sae.decode(f)
-        keep_flat = keep.reshape(-1)
-        err = (flat - x_hat).double().pow(2).sum(-1) * keep_flat
-        sq_norm = flat.double().pow(2).sum(-1) * keep_flat
-        xs = flat.double() * keep_flat[:, None]
+        keep_flat = keep.reshape(-1).to(x.device)
+        keep64 = keep_flat.double()
+        err = (flat - x_hat).double().pow(2).sum(-1) * keep64
+        sq_norm = flat.double().pow(2).sum(-1) * keep64
+        xs = flat.double() * keep64[:, None]
         if self.sum_x is None:
             self.sum_x = torch.zeros(d, dtype=torch.float64)
             self.sum_x_pos = torch.zeros(T, d, dtype=torch.float64)
         self.n += int(keep_flat.sum())
-        self.sq_err += err.sum()
-        self.sq_norm += sq_norm.sum()
-        self.sum_x += xs.sum(0)
-        self.active += ((f != 0) & keep_flat[:, None]).double().sum(0)
-        keep_d = keep.double()
-        self.n_pos += keep_d.sum(0)
-        self.sq_err_pos += err.view(n_seq, T).sum(0)
-        self.sq_norm_pos += sq_norm.view(n_seq, T).sum(0)
-        self.sum_x_pos += xs.view(n_seq, T, d).sum(0)
+        self.sq_err += err.sum().cpu()
+        self.sq_norm += sq_norm.sum().cpu()
+        self.sum_x += xs.sum(0).cpu()
+        self.active += ((f != 0) & keep_flat[:, None]).sum(0, dtype=torch.float64).cpu()
+        self.n_pos += keep64.view(n_seq, T).sum(0).cpu()
+        self.sq_err_pos += err.view(n_seq, T).sum(0).cpu()
+        self.sq_norm_pos += sq_norm.view(n_seq, T).sum(0).cpu()
+        self.sum_x_pos += xs.view(n_seq, T, d).sum(0).cpu()
 
     def result(self) -> ReconstructionMetrics:
         if self.n == 0:

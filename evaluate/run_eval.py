@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
+
 from . import plots
 from .evaluation import evaluate_targets
 from .report import build_report, write_json, write_table
@@ -22,6 +24,8 @@ def report_folder(cfg, targets: list[EvalTarget], is_sweep: bool) -> Path:
 
 def run_evaluation(cfg) -> dict:
     """Evaluate what cfg.run points at; returns {"folder", "reports", "rows", "plots"}."""
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     targets, is_sweep = resolve(cfg, device=cfg.device)
     results = evaluate_targets(targets, cfg)
     reports = [build_report(t, r) for t, r in zip(targets, results)]

@@ -84,6 +84,10 @@ def load_params(path: Path, cfg, device: str = "cpu") -> EvalTarget:
     # A released SAE never saw our cache; the trainer's default held-out rule puts it on the same
     # sequences as the SAEs we train, so the two can be compared side by side.
     heldout = dict(meta.get("heldout") or default_heldout())
+    if cfg.heldout_fraction is not None:
+        heldout["fraction"] = float(cfg.heldout_fraction)
+    if cfg.heldout_seed is not None:
+        heldout["seed"] = int(cfg.heldout_seed)
     name = path.parent.name if path.name == PARAMS_FILE else path.stem
     return EvalTarget(name=name, path=path, sae=sae, meta=meta, layer=layer, sublayer=sublayer, cache=cache,
                       heldout=heldout)

@@ -9,9 +9,13 @@ from evaluate.config import EvalConfig, ExportConfig
 from evaluate.export import ExportError, export
 from evaluate.gemmascope import GemmaScopeError, KEYS, load_params_npz
 from evaluate.run_eval import run_evaluation
+from evaluate.sources import RunError
 from tests.cache_factory import sparse_feature_activations, write_cache
 from train.run_folder import load_sae, save_sae
 from train.sae import GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE
+
+# Synthetic caches record no model: delta LM loss is skipped, with this warning.
+pytestmark = pytest.mark.filterwarnings("ignore:.*records no model")
 
 D, W, CTX = 8, 24, 16
 C = 3.7   # normalisation constant: raw activations are C times the normalised ones
@@ -134,3 +138,22 @@ def test_saelens_loads_the_export_with_identical_outputs(run_of, tmp_path, arch)
         torch.testing.assert_close(theirs.decode(f_theirs), ours.decode(f_ours), rtol=0, atol=0)
         torch.testing.assert_close(theirs(x), ours(x), rtol=0, atol=0)
         torch.testing.assert_close(theirs(x), C * normalised(x / C), rtol=1e-5, atol=1e-5)
+
+
+def test_released_params_npz_needs_its_site_and_evaluates_beside_ours(run_of, tmp_path):
+    """A Gemma Scope file as DeepMind releases it: params.npz alone, the site given on the command line."""
+    run, _ = run_of("jumprelu")
+    out = _export(run, "gemmascope", tmp_path / "gs")
+    released = tmp_path / "released" / "layer_3" / "width_24" / "average_l0_5"
+    released.mkdir(parents=True)
+    (out / "params.npz").rename(released / "params.npz")
+    with pytest.raises(RunError, match="records no layer, sublayer, cache: pass layer=... sublayer=... cache=..."):
+        run_evaluation(EvalConfig(run=str(released / "params.npz"), progress=False, plots=False))
+    cache = json.loads((run / "sae.json").read_text())["cache"]
+    theirs = run_evaluation(EvalConfig(run=str(released / "params.npz"), cache=cache, layer=3, sublayer="mlp_out",
+                                       heldout_fraction=0.25, progress=False, plots=False))
+    ours = run_evaluation(EvalConfig(run=str(run), progress=False, plots=False))
+    assert theirs["reports"][0]["reconstruction"] == ours["reports"][0]["reconstruction"]
+    assert (released / "eval" / "report.json").is_file()
+    with pytest.raises(RunError, match="trained on layer=3 but layer=4"):
+        run_evaluation(EvalConfig(run=str(run), layer=4, progress=False, plots=False))

@@ -17,6 +17,9 @@ from train.cache_reader import heldout_sequences
 from train.run_folder import save_sae
 from train.sae import JumpReLUSAE, TopKSAE
 
+# Synthetic caches record no model: delta LM loss is skipped, with this warning.
+pytestmark = pytest.mark.filterwarnings("ignore:.*records no model")
+
 CTX, ROWS, D, N_SEQ = 16, 64, 8, 48
 HELDOUT = {"fraction": 0.25, "seed": 3}
 
