@@ -1,5 +1,6 @@
 """`make harvest` / `python -m harvest [hydra overrides]`."""
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import OmegaConf
@@ -9,7 +10,7 @@ from .config import HarvestConfig, register_configs
 register_configs()
 
 
-@hydra.main(config_path="../conf", config_name="harvest", version_base=None)
+@hydra.main(config_path=str(Path(__file__).resolve().parent.parent / "conf"), config_name="harvest", version_base=None)
 def main(cfg) -> None:
     from .errors import USER_ERRORS
     from .run import run_harvest

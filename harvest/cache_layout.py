@@ -95,6 +95,17 @@ def _canonical(value):
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}, so a mismatch names the exact setting."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def check_compatible(path: str | Path, identity, expected: dict) -> zarr.Group:
     """Open an existing cache for resumption, refusing one whose harvest identity (`identity(attrs)`,
     everything that decides the bytes) differs from `expected`."""
@@ -103,7 +114,7 @@ def check_compatible(path: str | Path, identity, expected: dict) -> zarr.Group:
     if existing.get("format_version") != FORMAT_VERSION:
         raise CacheMismatch(f"{path} holds a cache of format_version {existing.get('format_version')!r}; "
                             f"this harvester writes version {FORMAT_VERSION}. Use another CACHE.")
-    have, want = _canonical(identity(existing)), _canonical(expected)
+    have, want = _flatten(_canonical(identity(existing))), _flatten(_canonical(expected))
     differing = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
     if differing:
         lines = [f"  {k}: the cache has {json.dumps(have.get(k))[:300]}, this run asks for "

@@ -66,7 +66,7 @@ def load_model_config(cfg: ModelConfig):
     location = checkpoint_location(cfg)
     try:
         config = AutoConfig.from_pretrained(location, revision=cfg.revision)
-    except OSError as e:
+    except (OSError, ValueError) as e:   # missing folder, unknown or gated hub id, no network
         raise ModelLoadError(
             f"cannot load model {cfg.path!r}: not a local checkpoint folder, and not reachable on the "
             f"Hugging Face hub (gated Gemma models need `huggingface-cli login` or HF_TOKEN). "

@@ -84,7 +84,9 @@ def run_harvest(cfg: HarvestConfig) -> dict:
     if first is None:
         raise CorpusTooSmall(f"the corpus ({describe(cfg.data)}) does not fill one sequence of {ctx} tokens")
 
-    harvest_config = asdict(cfg) | {"n_tokens": n_tokens, "context_length": ctx}
+    # The cache's own path is left out: a cache may be moved, and stays byte-identical to its twin.
+    harvest_config = {k: v for k, v in asdict(cfg).items() if k != "cache"} | {
+        "n_tokens": n_tokens, "context_length": ctx}
     attrs = {
         "format_version": FORMAT_VERSION,
         "context_length": ctx,

@@ -1,0 +1,79 @@
+"""Bad input fails with a clear error before any work, and leaves an existing cache untouched."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from harvest.cache_layout import CacheMismatch
+from harvest.model import ModelLoadError
+from harvest.packing import CorpusTooSmall
+from harvest.run import DiskSpaceError
+from harvest.sites import SiteError
+from tests.harvest_util import harvest_cli, harvest_config, harvest_inprocess, tree_digest
+
+
+@pytest.fixture(scope="module")
+def existing(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("existing") / "cache"
+    harvest_inprocess(cache)
+    return cache
+
+
+@pytest.fixture
+def cache(existing, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(existing, copy)
+    return copy
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (["sublayers=mlp_output"], SiteError, "unknown sublayer.*mlp_output.*resid_pre"),
+    (["layers=4"], SiteError, r"out of range.*layers 0\.\.3"),
+    (["layers='2-9'"], SiteError, r"out of range"),
+    (["model=custom", "model.path=/no/such/checkpoint"], ModelLoadError, "cannot load model '/no/such/checkpoint'"),
+    (["seed=1"], CacheMismatch, "(?s)different configuration.*harvest_config.seed: the cache has 0, this run asks for 1"),
+    (["chunk_tokens=1024"], CacheMismatch, "chunk_rows: the cache has 512"),
+    (["sublayers=mlp_out"], CacheMismatch, "sites"),
+    (["min_free_bytes=1000000000000000000"], DiskSpaceError, "not enough disk space"),
+])
+def test_bad_input_leaves_existing_cache_untouched(cache, overrides, error, message, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = tree_digest(cache)
+    with pytest.raises(error, match=message):
+        harvest_inprocess(cache, overrides)
+    assert tree_digest(cache) == before
+
+
+def test_corpus_too_small_for_one_sequence(tmp_path):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("Far too short for sixty-four tokens.")
+    with pytest.raises(CorpusTooSmall, match="does not fill one sequence of 64 tokens"):
+        harvest_inprocess(tmp_path / "new", ["data=local", f"data.path={corpus}"])
+    assert not (tmp_path / "new").exists()
+
+
+def test_disk_check_refuses_before_creating(tmp_path):
+    with pytest.raises(DiskSpaceError):
+        harvest_inprocess(tmp_path / "new", ["min_free_bytes=1000000000000000000"])
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["model=gemma-3-1b"], ConfigCompositionException),       # not a name in conf/model/
+    (["batch_sise=4"], ConfigCompositionException),           # typo in a key
+    (["n_tokens=lots"], ConfigCompositionException),          # wrong type
+])
+def test_config_errors_before_any_work(tmp_path, overrides, error):
+    with pytest.raises((error, ConfigKeyError, ValidationError)):
+        harvest_config([f"cache={tmp_path / 'new'}", *overrides])
+
+
+def test_cli_reports_error_without_traceback(tmp_path):
+    result = harvest_cli(tmp_path / "new", ["sublayers=bogus"])
+    assert result.returncode == 2
+    assert "error: unknown sublayer(s) ['bogus']" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "new").exists()

@@ -1,0 +1,88 @@
+"""A harvest killed at any point (SIGKILL, or a full disk) resumes with the same command and ends
+byte-identical to an uninterrupted one."""
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+
+import pytest
+import zarr
+
+from harvest import chunk_writer
+from harvest.chunk_writer import HarvestWriteError
+from tests.harvest_util import REPO, SMALL, harvest_cli, harvest_env, harvest_inprocess, tree_digest
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("reference") / "cache"
+    harvest_inprocess(cache)
+    return tree_digest(cache)
+
+
+# Runs the real CLI with the writer patched to SIGKILL its own process part-way through chunk
+# number KILL_AT (1-based), after writing `tokens` and one activation array of it.
+KILLER = """
+import os, signal, sys
+from harvest import chunk_writer
+original = chunk_writer.ChunkWriter._write
+seen = [0]
+def write_then_die(self, buf):
+    seen[0] += 1
+    if seen[0] == KILL_AT:
+        R = self.layout.chunk_rows
+        rows = slice(buf.index * R, (buf.index + 1) * R)
+        self.group["tokens"][rows] = buf.tokens
+        site = self.layout.sites[0]
+        self.arrays[site][rows] = buf.acts[site].numpy().view("uint16")
+        os.kill(os.getpid(), signal.SIGKILL)
+    original(self, buf)
+chunk_writer.ChunkWriter._write = write_then_die
+sys.argv = ["harvest", *ARGS]
+from harvest.__main__ import main
+main()
+"""
+
+
+@pytest.mark.parametrize("kill_at", [1, 4])
+def test_sigkill_then_resume_is_byte_identical(reference, tmp_path, kill_at):
+    cache = tmp_path / "cache"
+    args = [f"cache={cache}", *SMALL]
+    script = KILLER.replace("KILL_AT", str(kill_at)).replace("ARGS", repr(args))
+    killed = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=harvest_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    complete = zarr.open_group(str(cache), mode="r")["complete"][:]
+    assert complete.sum() == kill_at - 1          # the half-written chunk is not marked complete
+    resumed = harvest_cli(cache)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{kill_at - 1} chunks already complete" in resumed.stdout
+    assert tree_digest(cache) == reference
+
+
+def test_disk_full_mid_run_then_resume(reference, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    original = chunk_writer.ChunkWriter._write
+    calls = [0]
+
+    def write_until_full(self, buf):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, buf)
+
+    monkeypatch.setattr(chunk_writer.ChunkWriter, "_write", write_until_full)
+    with pytest.raises(HarvestWriteError, match="disk full.*run the same command again"):
+        harvest_inprocess(cache)
+    monkeypatch.setattr(chunk_writer.ChunkWriter, "_write", original)
+    assert zarr.open_group(str(cache), mode="r")["complete"][:].sum() == 2
+    harvest_inprocess(cache)
+    assert tree_digest(cache) == reference
+
+
+def test_finished_harvest_run_again_changes_nothing(reference, tmp_path):
+    cache = tmp_path / "cache"
+    harvest_inprocess(cache)
+    harvest_inprocess(cache)
+    assert tree_digest(cache) == reference
