@@ -37,8 +37,9 @@ def stored_as_float(acts, storage_dtype: str) -> np.ndarray:
 def write_cache(path, activations: dict, *, context_length: int, chunk_rows: int, tokens=None,
                 bos_token_id: int = 2, vocab_size: int = 256, storage_dtype: str = "bfloat16",
                 incomplete=(), format_version: int = 1, write_mean_squared_norm: bool = True,
-                mean_squared_norm: float | None = None, seed: int = 0) -> Path:
-    """mean_squared_norm: the attribute to write (default: computed from the complete non-BOS rows)."""
+                mean_squared_norm: float | None = None, codec: str | None = None, seed: int = 0) -> Path:
+    """mean_squared_norm: the attribute to write (default: computed from the complete non-BOS rows).
+    codec: None (raw chunk files, the format's default) or "zstd" (level 1) for activation arrays."""
     path = Path(path)
     n_tokens = len(next(iter(activations.values())))
     assert n_tokens % chunk_rows == 0 and chunk_rows % context_length == 0
@@ -71,9 +72,10 @@ def write_cache(path, activations: dict, *, context_length: int, chunk_rows: int
             rows = values[not_bos & row_written] if written.any() else values[not_bos]
             attrs["mean_squared_norm"] = (float((rows ** 2).sum(-1).mean()) if mean_squared_norm is None
                                           else float(mean_squared_norm))
+        compressors = None if codec is None else {"zstd": zarr.codecs.ZstdCodec(level=1)}[codec]
         arr = group.create_array(f"layer_{layer}/{sublayer}", shape=stored.shape,
                                  chunks=(chunk_rows, stored.shape[1]), dtype=stored.dtype,
-                                 compressors=None, fill_value=0, config=cfg, attributes=attrs)
+                                 compressors=compressors, fill_value=0, config=cfg, attributes=attrs)
         for c in range(n_chunks):
             if written[c]:
                 arr[c * chunk_rows:(c + 1) * chunk_rows] = stored[c * chunk_rows:(c + 1) * chunk_rows]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.cache_factory import write_cache
+from tests.cache_factory import stored_as_float, write_cache
 from train.cache_reader import (CacheError, complete_heldout_sequences, heldout_sequences,
                                 heldout_sequences_of_cache, open_activations)
 
@@ -61,3 +61,17 @@ def test_heldout_rule_is_reproducible(cache):
     src = open_activations(cache, 1, "mlp_out")
     readable = complete_heldout_sequences(src, {"fraction": 0.25, "seed": 3})
     assert set(readable) == {s for s in a if s // 4 != 1}       # sequences 4..7 are in incomplete chunk 1
+
+
+@pytest.mark.parametrize("codec", [None, "zstd"])
+def test_chunk_reads_into_buffers_match_zarr(tmp_path, codec):
+    acts = np.random.default_rng(2).standard_normal((96, 5)).astype(np.float32)
+    path = write_cache(tmp_path / "c", {(0, "mlp_out"): acts}, context_length=8, chunk_rows=32, codec=codec)
+    src = open_activations(path, 0, "mlp_out")
+    assert src.raw_layout == (codec is None)       # bare chunk files are read straight into the buffer
+    for c in range(3):
+        out = np.empty((32, 5), dtype=np.uint16)
+        src.read_chunk_into(c, out)
+        np.testing.assert_array_equal(out, src.read_chunk_numpy(c))
+        np.testing.assert_array_equal(src.as_tensor(out).float().numpy(),
+                                      stored_as_float(acts, "bfloat16")[c * 32:(c + 1) * 32])

@@ -6,7 +6,8 @@ it (the tests' `cache_factory`, another tool) is readable.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,32 @@ class ActivationArray:
     def numpy_dtype(self):
         return STORAGE_DTYPES[self.storage_dtype][0]
 
+    raw_layout: bool = field(default=False)  # chunk files hold the bare little-endian array bytes
+
+    def raw_chunk_path(self, c: int) -> Path | None:
+        """The file of chunk c when it holds the chunk's bytes as they are (no codec but `bytes`, a
+        local store, no sharding): then it can be read straight into a buffer. None otherwise."""
+        if not self.raw_layout:
+            return None
+        key = self.array.metadata.chunk_key_encoding.encode_chunk_key((c, 0))
+        path = Path(self.array.store.root) / self.array.path / key
+        try:
+            if path.stat().st_size != self.chunk_rows * self.width * np.dtype(self.numpy_dtype).itemsize:
+                return None
+        except OSError:
+            return None
+        return path
+
+    def read_chunk_into(self, c: int, out: np.ndarray) -> None:
+        """Chunk c into `out` (a C-contiguous [chunk_rows, width] buffer of the stored dtype)."""
+        path = self.raw_chunk_path(c)
+        if path is not None:
+            with open(path, "rb", buffering=0) as f:
+                n = f.readinto(memoryview(out).cast("B"))
+            if n == out.nbytes:
+                return
+        out[...] = self.read_chunk_numpy(c)
+
     def read_chunk_numpy(self, c: int) -> np.ndarray:
         """Chunk c as stored: uint16 bf16 bits or float32, shape [chunk_rows, width]."""
         return self.array[c * self.chunk_rows:(c + 1) * self.chunk_rows]
@@ -159,10 +186,23 @@ def open_activations(cache_path, layer: int, sublayer: str) -> ActivationArray:
     if len(complete) != n_tokens // rows:
         raise CacheError(f"`complete` has {len(complete)} entries, expected n_tokens // chunk_rows = {n_tokens // rows}")
     msn = array.attrs.get("mean_squared_norm")
-    return ActivationArray(cache_path=str(cache_path), name=name, array=array, tokens=group["tokens"],
+    return ActivationArray(raw_layout=_has_raw_layout(array, rows),cache_path=str(cache_path), name=name, array=array, tokens=group["tokens"],
                            context_length=ctx, chunk_rows=rows, n_tokens=n_tokens,
                            bos_token_id=int(attrs["bos_token_id"]), storage_dtype=storage,
                            complete=complete, mean_squared_norm=None if msn is None else float(msn))
+
+
+def _has_raw_layout(array: zarr.Array, chunk_rows: int) -> bool:
+    try:
+        from zarr.codecs import BytesCodec
+        from zarr.storage import LocalStore
+        md = array.metadata
+        return (sys.byteorder == "little" and isinstance(array.store, LocalStore)
+                and len(md.codecs) == 1 and isinstance(md.codecs[0], BytesCodec)
+                and getattr(md.codecs[0].endian, "value", md.codecs[0].endian) in ("little", None)
+                and tuple(array.chunks) == (chunk_rows, array.shape[1]) and array.order == "C")
+    except Exception:  # another zarr version or metadata layout: use zarr's own reads
+        return False
 
 
 HELDOUT_RULE = ("sorted(numpy.random.default_rng(seed).permutation(n_sequences)[:round(fraction * n_sequences)]), "

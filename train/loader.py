@@ -18,12 +18,6 @@ import torch
 
 from .cache_reader import ActivationArray
 
-try:
-    from zarr.core.buffer.cpu import NDBuffer
-except ImportError:  # other zarr layouts: fall back to one copy per chunk
-    NDBuffer = None
-
-
 class Window:
     """Chunks of one window, read into one buffer by the reader pool, and the permutation to serve."""
 
@@ -43,14 +37,7 @@ class Window:
 
 
 def _read_into(source: ActivationArray, c: int, out: np.ndarray) -> None:
-    if NDBuffer is not None:
-        try:
-            source.array.get_basic_selection(slice(c * source.chunk_rows, (c + 1) * source.chunk_rows),
-                                             out=NDBuffer.from_numpy_array(out))
-            return
-        except (TypeError, ValueError, NotImplementedError):
-            pass
-    out[...] = source.read_chunk_numpy(c)
+    source.read_chunk_into(c, out)
 
 
 class ChunkLoader:
