@@ -32,6 +32,8 @@ class DeltaLMResult:
     fraction_recovered: float    # (ce_zero - ce_spliced) / (ce_zero - ce_clean)
     kl_spliced: float            # mean over predictions of KL(clean || spliced)
     kl_zero: float               # mean over predictions of KL(clean || zero-ablated)
+    note: str = ""
+
 
     def to_dict(self) -> Dict[str, float]:
         return asdict(self)
@@ -138,4 +140,6 @@ def delta_lm_loss(model: torch.nn.Module, tokens: torch.Tensor, layer: int, subl
         delta_ce=m["ce_spliced"] - m["ce_clean"],
         fraction_recovered=(m["ce_zero"] - m["ce_spliced"]) / denom if denom != 0 else float("nan"),
         kl_spliced=m["kl_spliced"], kl_zero=m["kl_zero"],
+        note="" if denom > 0 else ("zero-ablating this site does not raise the loss (an untrained model?): "
+                                   "fraction recovered is not meaningful here"),
     )
