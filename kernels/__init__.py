@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _interpret  # noqa: F401  (before anything imports triton)
+
 from .reference import jumprelu_sae_reference
 
 IS_JUMPSCOPE_KERNELS = True

@@ -223,31 +223,39 @@ class JumpReLUSAETriton(torch.autograd.Function):
 
 
 class _Density:
-    """L0 / width of the previous call, per threshold tensor, read without waiting on the device:
-    until the copy of the newest value has landed, the one before it is used."""
+    """L0 / width of the previous calls, per threshold tensor, read without waiting on the device:
+    the newest value whose device-to-host copy has landed (two pinned buffers, used in turn)."""
 
     def __init__(self):
-        self.slots: dict = {}   # key -> (host tensor, event or None, width, value before it)
+        self.slots: dict = {}   # key -> [buffers, events, index of newest, width]
 
     def get(self, key):
         slot = self.slots.get(key)
         if slot is None:
             return None
-        host, event, width, before = slot
-        if event is not None and not event.query():
-            return before
-        return float(host[0]) / width
+        buffers, events, newest, width = slot
+        for i in (newest, 1 - newest):
+            if events[i] is None:
+                continue
+            if events[i] is True or events[i].query():
+                return float(buffers[i][0]) / width
+        return None
 
     def put(self, key, l0, width):
-        before = self.get(key)
-        if l0.device.type != "cuda":
-            self.slots[key] = (l0.detach().float().reshape(1).clone(), None, width, before)
-            return
-        host = torch.empty(1, dtype=torch.float32, pin_memory=True)
-        host.copy_(l0.detach().float().reshape(1), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self.slots[key] = (host, event, width, before)
+        cuda = l0.device.type == "cuda"
+        slot = self.slots.get(key)
+        if slot is None or slot[3] != width:
+            buffers = [torch.empty(1, dtype=torch.float32, pin_memory=cuda) for _ in range(2)]
+            slot = self.slots[key] = [buffers, [None, None], 1, width]
+        i = 1 - slot[2]
+        slot[0][i].copy_(l0.detach().float().reshape(1), non_blocking=cuda)
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+            slot[1][i] = event
+        else:
+            slot[1][i] = True
+        slot[2] = i
 
 
 _density = _Density()

@@ -258,3 +258,13 @@ def test_triton_gpu_deterministic_and_no_host_sync(poisoned, mode):
     b = run(jt.jumprelu_sae_triton, x, params, 0.3, weights, torch.float32, mode=mode)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the no-GPU behaviour")
+def test_bench_without_gpu_exits_cleanly():
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "kernels.bench"], capture_output=True, text=True,
+                       timeout=120, cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert r.returncode == 0, r.stderr
+    assert "needs a CUDA GPU" in r.stdout
