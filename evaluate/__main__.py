@@ -5,6 +5,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .config import EvalConfig, register_configs
+from .errors import clear_errors
 from .run_eval import print_summary, run_evaluation
 
 register_configs()
@@ -13,7 +14,8 @@ register_configs()
 @hydra.main(config_path="../conf", config_name="eval", version_base=None)
 def main(cfg: DictConfig) -> None:
     config: EvalConfig = OmegaConf.to_object(cfg)
-    print_summary(run_evaluation(config))
+    with clear_errors():
+        print_summary(run_evaluation(config))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from .config import AblationConfig, register_configs
+from .errors import EvalInputError, clear_errors
 from .run_eval import print_summary, run_evaluation
 
 QUESTIONS = (
@@ -41,11 +42,11 @@ def _label(value) -> str:
 def sweep_members(cfg: AblationConfig) -> list[dict]:
     """train.sweep members: one per arm and level, named <preset>_<knob>=<level>."""
     if not cfg.arms:
-        raise ValueError("ablation has no arms: list them under `arms` (conf/ablation.yaml)")
+        raise EvalInputError("ablation has no arms: list them under `arms` (conf/ablation.yaml)")
     members = []
     for arm in cfg.arms:
         if not arm.levels:
-            raise ValueError(f"ablation arm {arm.preset!r} has no sparsity levels")
+            raise EvalInputError(f"ablation arm {arm.preset!r} has no sparsity levels")
         for level in arm.levels:
             value = int(level) if arm.knob == "k" else float(level)
             members.append({"preset": arm.preset, "name": f"{arm.preset}_{arm.knob}={_label(value)}",
@@ -61,7 +62,7 @@ def budget_overrides(cfg: AblationConfig) -> list[str]:
         budget = "small" if n_tokens < cfg.small_cache_tokens else "paper"
         print(f"[ablation] budget=auto: cache of {n_tokens:,} tokens -> budget={budget}")
     if budget not in cfg.budgets:
-        raise ValueError(f"budget={budget!r}: choose auto or one of {', '.join(cfg.budgets)}")
+        raise EvalInputError(f"budget={budget!r}: choose auto or one of {', '.join(cfg.budgets)}")
     return list(cfg.budgets[budget])
 
 
@@ -208,7 +209,8 @@ register_configs()
 @hydra.main(config_path="../conf", config_name="ablation", version_base=None)
 def main(cfg: DictConfig) -> None:
     config: AblationConfig = OmegaConf.to_object(cfg)
-    outcome = run_ablation(config)
+    with clear_errors():
+        outcome = run_ablation(config)
     print_summary(outcome)
     print("\n".join(_verdict(c) for c in outcome["comparisons"]))
     print(f"ablation: {outcome['ablation_report']} and {outcome['ablation_plot']}")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .errors import EvalInputError
 from .heldout import non_bos_mask
 
 # splice(model, layer, sublayer, fn) -> context manager replacing the site's activation a by fn(a).
@@ -43,14 +44,14 @@ def check_site(model: torch.nn.Module, layer: int, sublayer: str, d_in: int) -> 
     """Clear errors when the SAE's site does not exist in the model or has another width."""
     from harvest.sites import SUBLAYERS, site_width
     if sublayer not in SUBLAYERS:
-        raise ValueError(f"unknown sublayer {sublayer!r}; choose from {', '.join(SUBLAYERS)}")
+        raise EvalInputError(f"unknown sublayer {sublayer!r}; choose from {', '.join(SUBLAYERS)}")
     config = model.config
     n_layers = config.num_hidden_layers
     if not 0 <= layer < n_layers:
-        raise ValueError(f"the SAE's site is layer {layer}, but the model has layers 0..{n_layers - 1}")
+        raise EvalInputError(f"the SAE's site is layer {layer}, but the model has layers 0..{n_layers - 1}")
     width = site_width(config, sublayer)
     if width != d_in:
-        raise ValueError(
+        raise EvalInputError(
             f"width mismatch: the SAE reads {d_in}-dimensional activations but layer {layer} "
             f"{sublayer} of the model ({getattr(config, '_name_or_path', '') or type(model).__name__}) "
             f"is {width} wide: wrong model or wrong site for this SAE")

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from .errors import EvalInputError
 from .delta_lm import check_site, delta_lm_loss
 from .heldout import heldout_batches, non_bos_mask, open_site, select_heldout
 from .reconstruction import ReconstructionAccumulator
@@ -47,7 +48,7 @@ def _evaluate_group(members: list[EvalTarget], cache: str, layer: int, sublayer:
     source = open_site(cache, layer, sublayer)
     for t in members:
         if t.sae.d_in != source.width:
-            raise ValueError(f"width mismatch: SAE {t.name} reads {t.sae.d_in}-dimensional activations but "
+            raise EvalInputError(f"width mismatch: SAE {t.name} reads {t.sae.d_in}-dimensional activations but "
                              f"the cache's {source.name} is {source.width} wide")
     seqs = select_heldout(source, members[0].heldout, cfg.max_tokens)
     accs = [ReconstructionAccumulator(t.sae.d_sae, source.context_length, cfg.dense_threshold) for t in members]

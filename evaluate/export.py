@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ExportConfig, register_configs
+from .errors import EvalInputError, clear_errors
 from .gemmascope import params_from_sae, write_params
 from .saelens import write_saelens
 from .sources import PARAMS_FILE, PROVENANCE_FILE, RunError, load_run_folder
@@ -25,7 +26,7 @@ from .sources import PARAMS_FILE, PROVENANCE_FILE, RunError, load_run_folder
 FORMATS = ("gemmascope", "saelens")
 
 
-class ExportError(ValueError):
+class ExportError(EvalInputError):
     pass
 
 
@@ -103,7 +104,8 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="export", version_base=None)
 def main(cfg: DictConfig) -> None:
-    out = export(OmegaConf.to_object(cfg))
+    with clear_errors():
+        out = export(OmegaConf.to_object(cfg))
     print(f"exported {cfg.run} as {cfg.format} to {out}")
 
 

@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import EvalInputError
+
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 
 
-class GemmaScopeError(ValueError):
+class GemmaScopeError(EvalInputError):
     pass
 
 

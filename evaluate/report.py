@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .sources import EvalTarget
 
 TABLE_COLUMNS = ("name", "architecture", "sparsity", "d_sae", "l0", "fvu", "mse", "dead_fraction",
@@ -65,6 +67,7 @@ def build_report(target: EvalTarget, result: dict) -> dict:
         "hyperparameters": target.meta.get("hyperparameters"),
         "reconstruction": rec.summary(),
         "delta_lm": result["delta_lm"],
+        "firing_frequency_histogram": firing_histogram(rec.firing_frequency, rec.n_tokens),
         "firing_frequency": rec.firing_frequency,
         "mse_by_position": rec.mse_by_position,
         "fvu_by_position": rec.fvu_by_position,
@@ -72,6 +75,15 @@ def build_report(target: EvalTarget, result: dict) -> dict:
         "training_final_metrics": target.meta.get("final_metrics") or target.meta.get("metrics"),
         "notes": target.notes,
     }
+
+
+def firing_histogram(freq: list[float], n_tokens: int, bins_per_decade: int = 4) -> dict:
+    """Counts of latents per log10 firing-frequency bin, from 1/n_tokens (fired once) up to 1."""
+    f = np.asarray(freq, dtype=float)
+    lo = math.floor(math.log10(1.0 / max(n_tokens, 1)))
+    edges = np.linspace(lo, 0.0, -lo * bins_per_decade + 1)
+    counts, _ = np.histogram(np.log10(f[f > 0]), bins=edges)
+    return {"log10_edges": edges.tolist(), "counts": counts.tolist(), "dead": int((f == 0).sum())}
 
 
 def write_json(report: dict, path: Path) -> None:

@@ -13,6 +13,8 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
+from .errors import EvalInputError
+
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 # The SAELens config format (>= 6.0) we write; older versions are converted on load by SAELens.
@@ -29,7 +31,7 @@ HOOK_NAMES = {
 }
 
 
-class SAELensExportError(ValueError):
+class SAELensExportError(EvalInputError):
     pass
 
 

@@ -10,13 +10,14 @@ from typing import Optional
 
 import torch
 
+from .errors import EvalInputError
 from .gemmascope import load_params_npz
 
 PARAMS_FILE = "params.npz"
 PROVENANCE_FILE = "provenance.json"     # written beside an exported params.npz
 
 
-class RunError(ValueError):
+class RunError(EvalInputError):
     """`run=` does not point at something evaluable; the message says what is missing."""
 
 
