@@ -61,7 +61,7 @@ def test_batches_are_shuffled_across_chunks(indexed_cache):
     batch = loader.next_batch()[:, 0].long().numpy()
     loader.close()
     assert len(np.unique(batch // ROWS)) >= 3                  # drawn from the whole buffer, not one chunk
-    assert not np.all(np.diff(batch) > 0)
+    assert len(np.unique(batch // CTX)) >= 8                   # and from many of their sequences
 
 
 def test_seed_determinism(indexed_cache):

@@ -13,7 +13,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 import train.config  # noqa: F401
 import train.loader
 from tests.cache_factory import sparse_feature_activations, write_cache
-from train.cache_reader import CacheError
+from train.cache_reader import ActivationArray, CacheError
 from train.cli import run_training
 from train.loop import TrainingDiverged
 from train.member import Member
@@ -107,13 +107,13 @@ def test_max_steps_this_run_slices_resume_bit_for_bit(cache, tmp_path):
 
 def test_sweep_members_equal_single_runs_and_read_the_cache_once(cache, tmp_path, monkeypatch):
     reads = {"n": 0}
-    real_read = train.loader._read_into
+    real_read = ActivationArray.read_chunk_into
 
     def counting_read(*a):
         reads["n"] += 1
         return real_read(*a)
 
-    monkeypatch.setattr(train.loader, "_read_into", counting_read)
+    monkeypatch.setattr(ActivationArray, "read_chunk_into", counting_read)
     run_training(make_cfg(cache, tmp_path / "single", "sae.sparsity_coeff=0.02"), single=True)
     single_reads, reads["n"] = reads["n"], 0
     final = run_training(make_cfg(cache, tmp_path / "sweep", "sweep.grid.sae.sparsity_coeff=[0.001,0.02,0.1]",

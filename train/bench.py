@@ -81,9 +81,17 @@ def loader_rate(source, batch: int, buffer_tokens: int, readers: int, seed: int)
     return rate
 
 
+def _matches(path: Path, d: int, n_chunks: int, chunk_rows: int) -> bool:
+    try:
+        a = zarr.open_group(str(path), mode="r")["layer_0/mlp_out"]
+        return tuple(a.shape) == (n_chunks * chunk_rows, d) and a.chunks[0] == chunk_rows
+    except Exception:
+        return False
+
+
 def bench_loader(args, out: Path) -> dict:
     path = out / "loader_cache"
-    if not (path / "zarr.json").exists() or args.rewrite:
+    if args.rewrite or not _matches(path, args.d, args.chunks, args.chunk_rows):
         print(f"[bench] writing a {args.chunks} x {args.chunk_rows} x {args.d} bf16 cache to {path}")
         write_random_cache(path, args.d, args.chunks, args.chunk_rows, args.ctx)
     source = open_activations(path, 0, "mlp_out")
@@ -105,7 +113,7 @@ def bench_loader(args, out: Path) -> dict:
 
 def bench_sweep(args, out: Path) -> dict:
     path = out / "sweep_cache"
-    if not (path / "zarr.json").exists() or args.rewrite:
+    if args.rewrite or not _matches(path, args.sweep_d, 8, 4096):
         write_random_cache(path, args.sweep_d, 8, 4096, args.ctx)
     lams = [1e-4 * 2 ** i for i in range(args.k)]
     base = [f"cache={path}", "layer=0", "sublayer=mlp_out", "train.progress=false", "train.tensorboard=false",

@@ -18,26 +18,77 @@ import torch
 
 from .cache_reader import ActivationArray
 
+class BufferPool:
+    """Host buffers for windows, reused so that reads do not fault fresh pages in (pinned on CUDA)."""
+
+    def __init__(self, shape, dtype, pinned: bool):
+        self.shape, self.dtype, self.pinned = shape, dtype, pinned
+        self.free = []           # (tensor, CUDA event after which it may be overwritten, or None)
+        self.lock = threading.Lock()
+
+    def acquire(self) -> torch.Tensor:
+        with self.lock:
+            item = self.free.pop() if self.free else None
+        if item is None:
+            t = torch.empty(self.shape, dtype=self.dtype)
+            return t.pin_memory() if self.pinned else t
+        buf, done = item
+        if done is not None:
+            done.synchronize()
+        return buf
+
+    def release(self, buf: torch.Tensor, done=None) -> None:
+        with self.lock:
+            self.free.append((buf, done))
+
+
 class Window:
-    """Chunks of one window, read into one buffer by the reader pool, and the permutation to serve."""
+    """Chunks of one window, read into one buffer by the reader pool, and the permutation to serve.
+
+    On CUDA the whole window is copied to the device once (asynchronously, on a side stream) and
+    batches are gathered there; on CPU batches are gathered from the host buffer."""
 
     def __init__(self, source: ActivationArray, chunk_ids: np.ndarray, servable: np.ndarray,
-                 pool: ThreadPoolExecutor):
+                 pool: ThreadPoolExecutor, buffers: BufferPool):
         rows = source.chunk_rows
-        self.buffer = np.empty((len(chunk_ids) * rows, source.width), dtype=source.numpy_dtype)
-        self.tensor = source.as_tensor(self.buffer)           # a view: no copy
+        self.buffers, self.full = buffers, buffers.acquire()
+        self.host = self.full[:len(chunk_ids) * rows]
+        self.tensor = self.host.view(source.torch_dtype)     # views of one memory: no copies
+        raw = self.host.numpy().view(source.numpy_dtype)
         self.order = torch.from_numpy(servable)
-        self.futures = [pool.submit(_read_into, source, int(c), self.buffer[j * rows:(j + 1) * rows])
+        self.futures = [pool.submit(source.read_chunk_into, int(c), raw[j * rows:(j + 1) * rows])
                         for j, c in enumerate(chunk_ids)]
+        self.device_tensor = self.device_order = self.uploaded = None
+
+    def reads_done(self) -> bool:
+        return all(f.done() for f in self.futures)
 
     def wait(self) -> None:
         for f in self.futures:
             f.result()
         self.futures = []
 
+    def upload(self, device: torch.device, stream) -> None:
+        """Start the asynchronous copy of the window (and its order) to `device`; once per window."""
+        if self.uploaded is not None:
+            return
+        self.wait()
+        main = torch.cuda.current_stream(device)
+        stream.wait_stream(main)                # the device memory below is allocated on `main`
+        self.device_tensor = torch.empty(self.tensor.shape, dtype=self.tensor.dtype, device=device)
+        self.device_order = torch.empty(self.order.shape, dtype=self.order.dtype, device=device)
+        with torch.cuda.stream(stream):
+            self.device_tensor.copy_(self.tensor, non_blocking=True)
+            self.device_order.copy_(self.order.pin_memory(), non_blocking=True)
+            self.uploaded = torch.cuda.Event()
+            self.uploaded.record(stream)
+        self.device_tensor.record_stream(stream)
+        self.device_order.record_stream(stream)
 
-def _read_into(source: ActivationArray, c: int, out: np.ndarray) -> None:
-    source.read_chunk_into(c, out)
+    def release(self) -> None:
+        """Hand the host buffer back for reuse (after the device copy, if any, is done)."""
+        self.wait()
+        self.buffers.release(self.full, self.uploaded)
 
 
 class ChunkLoader:
@@ -64,8 +115,12 @@ class ChunkLoader:
         self.windows_per_epoch = -(-len(self.chunks) // self.chunks_per_window)
         self.position = (0, 0, 0)       # (epoch, window, offset) of the next batch to hand out
         self._pool = ThreadPoolExecutor(max(1, int(num_readers)), thread_name_prefix="chunk-reader")
+        host_dtype = torch.int16 if source.storage_dtype == "bfloat16" else torch.float32
+        self._buffers = BufferPool((self.chunks_per_window * rows, source.width), host_dtype,
+                                   pinned=self.device.type == "cuda")
         self._prefetch_batches = max(1, int(prefetch_batches))
         self._thread = None
+        self._cuda_plans = None
 
     # -- the deterministic plan --------------------------------------------------------------------
     def chunk_order(self, epoch: int) -> np.ndarray:
@@ -93,90 +148,97 @@ class ChunkLoader:
         return (epoch + 1, 0) if window == self.windows_per_epoch else (epoch, window)
 
     def _plans(self, windows: dict):
-        """Yield (parts, position after): parts = [(Window, row indices)] that make one batch."""
+        """Yield (parts, position after): parts = [(Window, lo, hi)]: rows order[lo:hi] of each window
+        make one batch. The caller gathers a batch before asking for the next."""
         epoch, w, off = self.position
 
         def window(e, i):
             if (e, i) not in windows:
                 ids = self.window_chunks(e, i)
-                windows[(e, i)] = Window(self.source, ids, self.window_permutation(e, i, ids), self._pool)
+                windows[(e, i)] = Window(self.source, ids, self.window_permutation(e, i, ids), self._pool,
+                                         self._buffers)
             return windows[(e, i)]
 
         current = window(epoch, w)
         window(*self._advance(epoch, w))                 # read ahead
         while True:
-            parts, need = [], self.batch_size
+            parts, need, finished = [], self.batch_size, []
             while need:
                 take = min(need, len(current.order) - off)
                 if take:
-                    parts.append((current, current.order[off:off + take]))
+                    parts.append((current, off, off + take))
                     off, need = off + take, need - take
                 if off == len(current.order):
-                    windows.pop((epoch, w), None)
+                    finished.append(windows.pop((epoch, w)))
                     epoch, w, off = *self._advance(epoch, w), 0
                     current = window(epoch, w)
                     window(*self._advance(epoch, w))
             yield parts, (epoch, w, off)
+            for win in finished:             # its buffer may be refilled once this batch is gathered
+                win.release()
 
-    # -- the batch producer thread -----------------------------------------------------------------
+    # -- serving batches -------------------------------------------------------------------------
+    # CPU: a producer thread gathers batches from the host window while the step runs.
+    # CUDA: each window is copied to the device once (pinned buffer, side stream, asynchronous) and
+    # batches are gathered there: the host only reads files, and a batch is ready at once.
     def _start(self):
         self._stop = threading.Event()
         self._ready = queue.Queue()
-        self._pinned = None
+        self._windows = {}
         if self.device.type == "cuda":
-            # A ring of pinned host buffers; a slot is refilled only after its copy to the GPU is done.
-            shape = (self.batch_size, self.source.width)
-            self._pinned = [torch.empty(shape, dtype=self.source.torch_dtype).pin_memory()
-                            for _ in range(self._prefetch_batches + 1)]
-            self._free = queue.Queue()
-            for i in range(len(self._pinned)):
-                self._free.put((i, None))
+            self._stream = torch.cuda.Stream(self.device)
+            self._cuda_plans = self._plans(self._windows)
+            return
         self._thread = threading.Thread(target=self._produce, name="batch-producer", daemon=True)
         self._thread.start()
 
     def _produce(self):
-        windows = {}
         try:
-            for parts, position in self._plans(windows):
-                if self._pinned is not None:
-                    slot, copied = self._free.get()
-                    if slot is None:
-                        return
-                    if copied is not None:
-                        copied.synchronize()
-                    out = self._pinned[slot]
-                else:
-                    slot, out = None, torch.empty((self.batch_size, self.source.width), dtype=self.source.torch_dtype)
+            for parts, position in self._plans(self._windows):
+                out = torch.empty((self.batch_size, self.source.width), dtype=self.source.torch_dtype)
                 start = 0
-                for win, idx in parts:
+                for win, lo, hi in parts:
                     win.wait()
-                    torch.index_select(win.tensor, 0, idx, out=out[start:start + len(idx)])
-                    start += len(idx)
+                    # rows in buffer order: the same rows, a cheaper gather; order in a batch is irrelevant
+                    torch.index_select(win.tensor, 0, win.order[lo:hi].sort().values, out=out[start:start + hi - lo])
+                    start += hi - lo
                 while not self._stop.is_set():
                     if self._ready.qsize() < self._prefetch_batches:
-                        self._ready.put((slot, out, position))
+                        self._ready.put((out, position))
                         break
                     self._stop.wait(0.0005)
                 if self._stop.is_set():
                     return
         except BaseException as e:  # hand the error to the consumer
-            self._ready.put((None, e, None))
+            self._ready.put((e, None))
+
+    def _next_cuda(self) -> torch.Tensor:
+        parts, position = next(self._cuda_plans)
+        main = torch.cuda.current_stream(self.device)
+        out = torch.empty((self.batch_size, self.source.width), dtype=self.source.torch_dtype, device=self.device)
+        start = 0
+        for win, lo, hi in parts:
+            win.upload(self.device, self._stream)
+            main.wait_event(win.uploaded)
+            torch.index_select(win.device_tensor, 0, win.device_order[lo:hi], out=out[start:start + hi - lo])
+            start += hi - lo
+        for win in list(self._windows.values()):     # start copying read-ahead windows as soon as read
+            if win.uploaded is None and win.reads_done():
+                win.upload(self.device, self._stream)
+        self.position = position
+        return out
 
     def next_batch(self) -> torch.Tensor:
         """The next batch [batch_size, width] in the stored dtype, on the loader's device."""
-        if self._thread is None:
+        if self._thread is None and self._cuda_plans is None:
             self._start()
-        slot, out, position = self._ready.get()
+        if self._cuda_plans is not None:
+            return self._next_cuda()
+        out, position = self._ready.get()
         if isinstance(out, BaseException):
             raise RuntimeError("the chunk loader failed") from out
         self.position = position
-        if self._pinned is None:
-            return out
-        x = out.to(self.device, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        self._free.put((slot, copied))
-        return x
+        return out
 
     def __iter__(self):
         while True:
@@ -203,10 +265,13 @@ class ChunkLoader:
     def close(self) -> None:
         if self._thread is not None:
             self._stop.set()
-            if self._pinned is not None:
-                self._free.put((None, None))
             self._thread.join(timeout=10)
             self._thread = None
+        self._cuda_plans = None
+        if getattr(self, "_windows", None):
+            for win in self._windows.values():
+                win.wait()
+            self._windows = {}
 
     def __del__(self):
         try:
