@@ -23,6 +23,7 @@ class SAEOutput:
     mse: torch.Tensor    # mean over the batch of ||x - x_hat||^2
     l0: torch.Tensor     # mean over the batch of the number of active latents
     x_hat: torch.Tensor  # [B, d]
+    firings: torch.Tensor | None = None  # int64 [W]: tokens of the batch on which each latent fired
 
 
 def _resolve_backend(backend: str, x: torch.Tensor) -> str:
@@ -46,13 +47,13 @@ def jumprelu_sae(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth: float = 1e
     """JumpReLU SAE forward; differentiable in the five parameters with DESIGN.md's STE gradients."""
     backend = _resolve_backend(backend, x)
     if backend == "reference":
-        loss, mse, l0, x_hat = jumprelu_sae_reference(x, W_enc, b_enc, threshold, W_dec, b_dec,
-                                                      bandwidth, sparsity_coeff)
+        loss, mse, l0, x_hat, firings = jumprelu_sae_reference(
+            x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, sparsity_coeff, return_firings=True)
     else:
         from .jumprelu_triton import jumprelu_sae_triton
-        loss, mse, l0, x_hat = jumprelu_sae_triton(x, W_enc, b_enc, threshold, W_dec, b_dec,
-                                                   bandwidth, sparsity_coeff)
-    return SAEOutput(loss=loss, mse=mse, l0=l0, x_hat=x_hat)
+        loss, mse, l0, x_hat, firings = jumprelu_sae_triton(
+            x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, sparsity_coeff, return_firings=True)
+    return SAEOutput(loss=loss, mse=mse, l0=l0, x_hat=x_hat, firings=firings)
 
 
 def require_ours() -> None:

@@ -12,6 +12,7 @@ order, to a per-(token, segment) list:
                         (lets the backward build a per-latent list with no atomics)
     list_cnt[b, s]      number of kept entries;  act_cnt[b, s]  number of active ones (L0)
     col_cnt[m, n]       number of kept entries of latent n among the tokens of row block m
+    fire_cnt[m, n]      number of those tokens on which latent n is active (firings per latent)
 
 One program owns one row block and one column segment and walks the segment's column tiles in
 order, so every slot above has exactly one writer and the layout is the same bits on every run.
@@ -34,7 +35,8 @@ import triton.language as tl
 @triton.jit
 def jumprelu_encode_kernel(
     x_ptr, w_ptr, b_ptr, theta_ptr,
-    list_idx_ptr, list_pre_ptr, list_rank_ptr, list_cnt_ptr, act_cnt_ptr, col_cnt_ptr, f_ptr,
+    list_idx_ptr, list_pre_ptr, list_rank_ptr, list_cnt_ptr, act_cnt_ptr, col_cnt_ptr, fire_cnt_ptr,
+    f_ptr,
     B, D, W, seg_width, half_bandwidth,
     stride_xb, stride_xd, stride_wd, stride_wn,
     N_SEG: tl.constexpr, DENSE_F: tl.constexpr,
@@ -83,9 +85,11 @@ def jumprelu_encode_kernel(
         tl.store(list_idx_ptr + dst, (cols[None, :] + 0 * rows[:, None]).to(tl.int32), mask=kept)
         tl.store(list_pre_ptr + dst, pre, mask=kept)
         tl.store(list_rank_ptr + dst, rank, mask=kept)
+        active_i = active.to(tl.int32)
         tl.store(col_cnt_ptr + pid_m.to(tl.int64) * W + cols, tl.sum(keep, axis=0), mask=col_ok)
+        tl.store(fire_cnt_ptr + pid_m.to(tl.int64) * W + cols, tl.sum(active_i, axis=0), mask=col_ok)
         n_kept += tl.sum(keep, axis=1)
-        n_active += tl.sum(active.to(tl.int32), axis=1)
+        n_active += tl.sum(active_i, axis=1)
     tl.store(list_cnt_ptr + rows64 * N_SEG + pid_s, n_kept, mask=row_ok)
     tl.store(act_cnt_ptr + rows64 * N_SEG + pid_s, n_active, mask=row_ok)
 
@@ -108,13 +112,14 @@ def jumprelu_encode(x, W_enc, b_enc, theta, bandwidth, *, n_seg, block_m, block_
         list_cnt=alloc((B, n_seg), dtype=torch.int32, device=dev),
         act_cnt=alloc((B, n_seg), dtype=torch.int32, device=dev),
         col_cnt=alloc((n_rb, W), dtype=torch.int32, device=dev),
+        fire_cnt=alloc((n_rb, W), dtype=torch.int32, device=dev),
         n_seg=n_seg, seg_width=seg_width, block_m=block_m,
         f=alloc((B, W), dtype=x.dtype, device=dev) if dense_f else None,
     )
     jumprelu_encode_kernel[(n_rb, n_seg)](
         x, W_enc, b_enc, theta,
         out["list_idx"], out["list_pre"], out["list_rank"], out["list_cnt"], out["act_cnt"],
-        out["col_cnt"], out["f"] if dense_f else out["list_pre"],
+        out["col_cnt"], out["fire_cnt"], out["f"] if dense_f else out["list_pre"],
         B, D, W, seg_width, 0.5 * float(bandwidth),
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
         N_SEG=n_seg, DENSE_F=dense_f, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,

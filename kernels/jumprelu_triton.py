@@ -124,7 +124,7 @@ def _blocks(B: int, D: int, W: int, device: torch.device) -> tuple[Blocks, int]:
 
 
 def _forward(x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam, precision, mode):
-    """Returns (loss, mse, l0, x_hat) and the state the backward needs."""
+    """Returns (loss, mse, l0, x_hat, firings) and the state the backward needs."""
     op_dtype, input_precision = PRECISIONS[precision]
     B, D = x.shape
     W = W_enc.shape[1]
@@ -153,10 +153,11 @@ def _forward(x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam, precision, mo
     mse = (sq_err.sum() / B).to(out_dtype)
     l0 = (enc["act_cnt"].sum(dtype=torch.int64).to(torch.float32) / B).to(out_dtype)
     loss = mse + lam * l0
+    firings = enc["fire_cnt"].sum(0, dtype=torch.int64)
     state = dict(x=x, x_op=x_op, x_hat=x_hat, theta=theta_c, w_dec_op=w_dec_op, enc=enc,
                  bandwidth=bandwidth, lam=lam, blocks=blocks, dense=dense,
                  input_precision=input_precision, op_dtype=op_dtype)
-    return (loss, mse, l0, x_hat), state
+    return (loss, mse, l0, x_hat, firings), state
 
 
 def _backward(st, g_loss, g_mse, g_l0, g_xhat):
@@ -208,10 +209,11 @@ class JumpReLUSAETriton(torch.autograd.Function):
         ctx.save_for_backward(theta, W_dec)
         ctx.state = state
         ctx.dtypes = (W_enc.dtype, b_enc.dtype, theta.dtype, W_dec.dtype, b_dec.dtype)
+        ctx.mark_non_differentiable(outputs[4])
         return outputs
 
     @staticmethod
-    def backward(ctx, g_loss, g_mse, g_l0, g_xhat):
+    def backward(ctx, g_loss, g_mse, g_l0, g_xhat, g_firings):
         ctx.saved_tensors  # noqa: B018  (raises if a parameter was modified in place)
         grads = _backward(ctx.state, g_loss, g_mse, g_l0, g_xhat)
         ctx.state = None
@@ -302,15 +304,18 @@ def _choose_mode(x, W_enc, theta, args) -> str:
 
 
 def jumprelu_sae_triton(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth=1e-3, lam=0.0,
-                        precision: str | None = None, mode: str | None = None):
-    """(loss, mse, l0, x_hat); differentiable in W_enc, b_enc, threshold, W_dec, b_dec."""
+                        precision: str | None = None, mode: str | None = None,
+                        return_firings: bool = False):
+    """(loss, mse, l0, x_hat), and firings (int64 [W]: tokens on which each latent fired) with
+    return_firings; differentiable in W_enc, b_enc, threshold, W_dec, b_dec."""
     if x.dim() != 2:
         raise ValueError(f"x must be [batch, d_in], got shape {tuple(x.shape)}")
     if not (bandwidth > 0 and math.isfinite(bandwidth)):
         raise ValueError(f"bandwidth must be positive and finite, got {bandwidth}")
     if x.shape[0] == 0:
         from .reference import jumprelu_sae_reference
-        return jumprelu_sae_reference(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, lam)
+        return jumprelu_sae_reference(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, lam,
+                                      return_firings=return_firings)
     precision = precision or _matmul_precision or ("bf16" if x.is_cuda else "fp32")
     if precision not in PRECISIONS:
         raise ValueError(f"matmul precision {precision!r}: choose one of {sorted(PRECISIONS)}")
@@ -323,4 +328,4 @@ def jumprelu_sae_triton(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth=1e-3
             mode = _choose_mode(x, W_enc, threshold, args)
     out = JumpReLUSAETriton.apply(*args, mode)
     _density.put((threshold.data_ptr(), W_enc.shape[1]), out[2], W_enc.shape[1])
-    return out
+    return out if return_firings else out[:4]

@@ -25,12 +25,14 @@ class JumpReLUSAEReference(torch.autograd.Function):
         mse = (x_hat - x).pow(2).sum(-1).mean()
         l0 = active.sum(-1, dtype=x.dtype).mean() if B else x.new_zeros(())
         loss = mse + lam * l0
+        firings = active.sum(0, dtype=torch.int64)   # tokens on which each latent fired
         ctx.save_for_backward(x, pre, theta, W_dec, x_hat)
         ctx.bandwidth, ctx.lam = bandwidth, lam
-        return loss, mse, l0, x_hat
+        ctx.mark_non_differentiable(firings)
+        return loss, mse, l0, x_hat, firings
 
     @staticmethod
-    def backward(ctx, g_loss, g_mse, g_l0, g_xhat):
+    def backward(ctx, g_loss, g_mse, g_l0, g_xhat, g_firings):
         x, pre, theta, W_dec, x_hat = ctx.saved_tensors
         eps, lam = ctx.bandwidth, ctx.lam
         B = max(x.shape[0], 1)
@@ -52,6 +54,9 @@ class JumpReLUSAEReference(torch.autograd.Function):
         return None, dW_enc, db_enc, dtheta, dW_dec, db_dec, None, None
 
 
-def jumprelu_sae_reference(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth=1e-3, sparsity_coeff=0.0):
-    return JumpReLUSAEReference.apply(x, W_enc, b_enc, threshold, W_dec, b_dec,
-                                      float(bandwidth), float(sparsity_coeff))
+def jumprelu_sae_reference(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth=1e-3, sparsity_coeff=0.0,
+                           return_firings=False):
+    """(loss, mse, l0, x_hat), plus firings (int64 [W]) with return_firings."""
+    out = JumpReLUSAEReference.apply(x, W_enc, b_enc, threshold, W_dec, b_dec,
+                                     float(bandwidth), float(sparsity_coeff))
+    return out if return_firings else out[:4]

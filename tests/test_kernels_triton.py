@@ -86,10 +86,10 @@ def objective_weights(B, D, seed):
 def run(fn, x, params, lam, weights, dtype, **kw):
     ps = [p.detach().to(dtype).requires_grad_(True) for p in params]
     (a, R) = weights
-    loss, mse, l0, x_hat = fn(x.to(dtype), *ps, BANDWIDTH, lam, **kw)
+    loss, mse, l0, x_hat, firings = fn(x.to(dtype), *ps, BANDWIDTH, lam, return_firings=True, **kw)
     total = a[0] * loss + a[1] * mse + a[2] * l0 + (x_hat * R.to(x_hat)).sum()
     total.backward()
-    return dict(loss=loss, mse=mse, l0=l0, x_hat=x_hat, W_enc=ps[0].grad, b_enc=ps[1].grad,
+    return dict(loss=loss, mse=mse, l0=l0, x_hat=x_hat, firings=firings, W_enc=ps[0].grad, b_enc=ps[1].grad,
                 threshold=ps[2].grad, W_dec=ps[3].grad, b_dec=ps[4].grad)
 
 
@@ -118,8 +118,9 @@ def check_against_reference(B, D, W, regime, precision, seed, mode, lam=0.6):
               mode=mode)
     want = run(jumprelu_sae_reference, x.cpu(), [p.cpu() for p in params], lam, weights,
                torch.float64)
-    # L0 is a count: it must be exact, and it must be the regime we asked for.
+    # L0 and the firings per latent are counts: they must be exact, and in the regime asked for.
     assert got["l0"].item() == pytest.approx(want["l0"].item(), abs=1e-6)
+    assert got["firings"].dtype == torch.int64 and torch.equal(got["firings"].cpu(), want["firings"])
     if regime == "none":
         assert want["l0"].item() == 0
     if regime == "dense":
@@ -183,6 +184,7 @@ def test_public_api_dispatches_to_triton(poisoned):
                                bandwidth=BANDWIDTH, sparsity_coeff=0.5, backend="reference")
     assert rel_err(out.x_hat, ref.x_hat) < REL_TOL
     assert out.loss.item() == pytest.approx(ref.loss.item(), rel=REL_TOL)
+    assert torch.equal(out.firings.cpu(), ref.firings) and ref.firings.sum() > 0
 
 
 def test_encoder_lists(poisoned):
@@ -195,6 +197,7 @@ def test_encoder_lists(poisoned):
     sw, cnt = enc["seg_width"], enc["list_cnt"].cpu()
     assert torch.equal(enc["act_cnt"].cpu().sum(1), active.sum(1).int())
     assert torch.equal(enc["col_cnt"].cpu().sum(0), kept.sum(0).int())
+    assert torch.equal(enc["fire_cnt"].cpu().sum(0), active.sum(0).int())
     for b in range(x.shape[0]):
         for s in range(enc["n_seg"]):
             n = cnt[b, s].item()
