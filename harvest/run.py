@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -138,11 +139,13 @@ def run_harvest(cfg: HarvestConfig) -> dict:
     mine = [c for c in range(layout.n_chunks) if c % world == rank and not complete[c]]
     say(f"  {int(complete.sum())} chunks already complete; {len(mine) * world} to go (approx. over all processes)")
 
+    started = time.perf_counter()
     _harvest_chunks(cfg, layout, group, model, tokenizer.bos_token_id, device, first, sequences,
                     set(mine), last_layer, show=main and cfg.progress)
     state.wait_for_everyone()
 
-    summary = {"cache": str(path), "n_tokens": n_tokens, "sites": [s.key for s in sites]}
+    summary = {"cache": str(path), "n_tokens": n_tokens, "sites": [s.key for s in sites],
+               "chunks_written": len(mine), "seconds": time.perf_counter() - started}
     if main:
         if not group["complete"][:].all():
             raise RuntimeError("some chunks are still incomplete after the harvest; run it again")

@@ -117,3 +117,27 @@ def test_only_requested_sites_and_resid_pre_resolved(tmp_path):
     assert sorted(group.attrs["sites"]) == ["layer_0/resid_post", "layer_1/mlp_out",
                                              "layer_1/resid_post", "layer_2/mlp_out"]
     assert "layer_3" not in group
+
+
+@pytest.mark.parametrize("codec, checksum", [("zstd", True), ("blosc", False)])
+def test_codecs_store_the_same_values(one_process_cache, tmp_path, codec, checksum):
+    cache = tmp_path / "c"
+    harvest_inprocess(cache, [f"codec={codec}", f"checksum={str(checksum).lower()}", "layers=1"])
+    plain = zarr.open_group(str(one_process_cache), mode="r")
+    packed = zarr.open_group(str(cache), mode="r")
+    for key in packed.attrs["sites"]:
+        np.testing.assert_array_equal(packed[key][:], plain[key][:], err_msg=key)
+        assert packed[key].attrs["mean_squared_norm"] == plain[key].attrs["mean_squared_norm"]
+    np.testing.assert_array_equal(packed["tokens"][:], plain["tokens"][:])
+
+
+def test_float32_storage_equals_eager_forward_exactly(tmp_path):
+    cache = tmp_path / "c"
+    harvest_inprocess(cache, ["storage_dtype=float32", "sublayers='attn_z,resid_mid'"])
+    group = zarr.open_group(str(cache), mode="r")
+    oracle = oracle_activations(group["tokens"][:], 64, 4)
+    for L in range(4):
+        for sub in ("attn_z", "resid_mid"):
+            arr = group[f"layer_{L}/{sub}"]
+            assert arr.dtype == np.float32 and arr.attrs["storage_dtype"] == "float32"
+            np.testing.assert_array_equal(arr[:], oracle[f"layer_{L}/{sub}"])
