@@ -1,0 +1,29 @@
+"""Our `kernels` package versus Hugging Face's PyPI package of the same import name."""
+import subprocess
+import sys
+import textwrap
+
+from tests.harvest_util import REPO
+
+
+def test_ours_is_imported_and_transformers_does_not_mistake_it_for_hf_kernels():
+    import kernels
+    from transformers.utils import import_utils
+    kernels.require_ours()
+    assert hasattr(kernels, "jumprelu_sae")
+    assert not import_utils.is_kernels_available()
+
+
+def test_a_shadowing_kernels_package_fails_loudly(tmp_path):
+    fake = tmp_path / "kernels"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("def get_kernel(*a): pass\n")
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        sys.path.insert(1, {str(REPO)!r})
+        import train.loop
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "not this project's kernels/ package" in result.stderr or "jumprelu_sae" in result.stderr
