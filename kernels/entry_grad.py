@@ -41,10 +41,11 @@ def entry_grad_kernel(
             tl.store(list_df_ptr + base + e0 + es, acc, mask=e_ok)
 
 
-def entry_grad(enc, g, W_dec, *, block_e, block_d, num_warps=4, alloc=torch.empty):
-    """df at every kept entry, in the layout of enc['list_pre']."""
+def entry_grad(enc, g, W_dec, *, block_e, block_d, num_warps=4, out=None, alloc=torch.empty):
+    """df at every kept entry, in the layout of enc['list_pre'] (written into `out` if given)."""
     B, D = g.shape
-    list_df = alloc(enc["list_pre"].shape, dtype=torch.float32, device=g.device)
+    list_df = out if out is not None else alloc(enc["list_pre"].shape, dtype=torch.float32,
+                                                device=g.device)
     entry_grad_kernel[(B,)](
         enc["list_idx"], enc["list_cnt"], g, W_dec, list_df,
         D, enc["list_idx"].stride(0), enc["seg_width"],

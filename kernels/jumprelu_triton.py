@@ -174,10 +174,13 @@ def _backward(st, g_loss, g_mse, g_l0, g_xhat):
         g = g + g_xhat.float()
     g = g.contiguous()
     c0 = ((g_loss * st["lam"] + g_l0) / B).reshape(1)
-    list_df = entry_grad(enc, g, st["w_dec_op"], block_e=blocks.entries, block_d=blocks.feat,
-                         num_warps=blocks.gather_warps, alloc=_alloc)
     latent_src, col_ptr, col_tot = latent_transpose(enc, W, block_e=blocks.entries,
                                                     num_warps=blocks.gather_warps, alloc=_alloc)
+    # The ranks are dead once the per-latent lists exist: df takes their memory (the lists have
+    # room for every latent, so each of their slots costs memory on B x W).
+    list_df = entry_grad(enc, g, st["w_dec_op"], block_e=blocks.entries, block_d=blocks.feat,
+                         num_warps=blocks.gather_warps, out=enc["list_rank"].view(torch.float32),
+                         alloc=_alloc)
     dense = st["dense"]
     dw_enc_t, dw_dec, db_enc, dtheta = latent_grads(
         latent_src, col_ptr, col_tot, enc, list_df, st["theta"], c0, st["x_op"], g,
@@ -215,6 +218,10 @@ class JumpReLUSAETriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, g_mse, g_l0, g_xhat, g_firings):
         ctx.saved_tensors  # noqa: B018  (raises if a parameter was modified in place)
+        if ctx.state is None:
+            raise RuntimeError("the fused JumpReLU SAE op supports one backward per forward (its "
+                               "buffers are consumed); run the forward again instead of "
+                               "retain_graph=True")
         grads = _backward(ctx.state, g_loss, g_mse, g_l0, g_xhat)
         ctx.state = None
         grads = [gr.to(dt) for gr, dt in zip(grads, ctx.dtypes)]

@@ -211,6 +211,15 @@ def test_encoder_lists(poisoned):
             assert torch.equal(enc["list_rank"][b, s, :n].cpu(), rank)
 
 
+def test_second_backward_raises():
+    x, params = make_problem(12, 17, 20, "half", "fp32", 23)
+    ps = [p.detach().requires_grad_(True) for p in params]
+    loss = jt.jumprelu_sae_triton(x, *ps, BANDWIDTH, 0.1)[0]
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
+
+
 def test_empty_batch_falls_back():
     x, params = make_problem(3, 17, 20, "sparse", "fp32", 17)
     loss, mse, l0, x_hat = jt.jumprelu_sae_triton(x[:0], *params, BANDWIDTH, 0.1)
