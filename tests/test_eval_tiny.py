@@ -1,6 +1,10 @@
 """`make eval` end to end on a harvest of the embedded tiny Gemma 2: delta LM loss through the model
 the cache records, against what must hold for a perfect and for a useless reconstruction."""
 import json
+import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ from train.run_folder import save_sae
 from train.sae import JumpReLUSAE
 
 LAYER, SUBLAYER = 2, "mlp_out"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +62,25 @@ def test_perfect_and_useless_reconstructions_on_the_tiny_model(tiny_cache, tmp_p
     assert lm0["fraction_recovered"] == pytest.approx(0.0, abs=1e-4)
     assert useless["reports"][0]["reconstruction"]["l0"] == 0
     assert useless["reports"][0]["reconstruction"]["dead_fraction"] == 1.0
+
+
+def test_ablation_command_on_the_tiny_model(tiny_cache, tmp_path):
+    """`make ablation` on the tiny setup: one sweep, delta LM loss through the model, table and plot."""
+    arms = ("arms=[{preset:jumprelu,levels:[1e-3,1e-2]},{preset:jumprelu_l1,levels:[1e-2,1e-1]},"
+            "{preset:relu,levels:[1e-2,1e-1]},{preset:topk,knob:k,levels:[8,24]},{preset:gated,levels:[1e-2,1e-1]}]")
+    small = ("budgets.small=['train.total_tokens=16384','loader.batch_size=512','loader.buffer_tokens=2048',"
+             "'optim.lr=2e-3','optim.lr_warmup_steps=4','optim.lambda_warmup_steps=10',"
+             "'train.checkpoint_every_steps=0','train.log_every_steps=8','train.tensorboard=false',"
+             "'train.progress=false','loader.heldout_fraction=0.1','sae.width=128']")
+    run_dir = tmp_path / "ablation"
+    done = subprocess.run([sys.executable, "-m", "evaluate.ablation", f"cache={tiny_cache}", f"layer={LAYER}",
+                           f"sublayer={SUBLAYER}", f"run_dir={run_dir}", arms, small, "eval.progress=false",
+                           "eval.delta_lm_sequences=2"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    folder = run_dir / "eval"
+    assert (folder / "ablation_frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert (folder / "frontier_l0_delta_lm_loss.png").read_bytes()[:4] == b"\x89PNG"
+    rows = json.loads((folder / "ablation.json").read_text())["rows"]
+    assert len(rows) == 10 and len((folder / "table.csv").read_text().splitlines()) == 11
+    assert all(math.isfinite(r["delta_ce"]) and math.isfinite(r["kl_spliced"]) for r in rows)
+    assert "delta_ce" in {c["metric"] for c in json.loads((folder / "ablation.json").read_text())["comparisons"]}
