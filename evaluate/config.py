@@ -39,6 +39,8 @@ class EvalConfig:
     dense_threshold: float = 0.1
     # Bins per decade of the log10 firing-frequency histogram.
     histogram_bins_per_decade: int = 10
+    # Synthetic data: a .npy of the true feature directions [n_features, d_in]; adds feature recovery.
+    true_features: Optional[str] = None
     plots: bool = True
     progress: bool = True
 

@@ -67,6 +67,7 @@ def build_report(target: EvalTarget, result: dict) -> dict:
         "hyperparameters": target.meta.get("hyperparameters"),
         "reconstruction": rec.summary(),
         "delta_lm": result["delta_lm"],
+        "feature_recovery": result.get("feature_recovery"),
         "firing_frequency_histogram": firing_histogram(rec.firing_frequency, rec.n_tokens),
         "firing_frequency": rec.firing_frequency,
         "mse_by_position": rec.mse_by_position,
@@ -97,7 +98,11 @@ def table_row(report: dict) -> dict:
            "d_sae": report["d_sae"], **report["reconstruction"]}
     for k in ("delta_ce", "fraction_recovered", "kl_spliced", "ce_clean", "ce_zero"):
         row[k] = lm.get(k, float("nan"))
-    return {k: row.get(k) for k in TABLE_COLUMNS}
+    columns = TABLE_COLUMNS
+    if report.get("feature_recovery"):
+        row["feature_mmcs"] = report["feature_recovery"]["mean_max_cosine"]
+        columns = columns + ("feature_mmcs",)
+    return {k: row.get(k) for k in columns}
 
 
 def _fmt(v) -> str:
@@ -108,11 +113,12 @@ def _fmt(v) -> str:
 
 def write_table(reports: list[dict], folder: Path) -> list[dict]:
     rows = sorted((table_row(r) for r in reports), key=lambda r: (r["architecture"], r["l0"]))
+    columns = max((tuple(r) for r in rows), key=len)
     with open(folder / "table.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         w.writerows(rows)
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in TABLE_COLUMNS) + " |" for r in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
     (folder / "table.md").write_text("\n".join(lines) + "\n")
     return rows

@@ -9,6 +9,7 @@ import torch
 
 from . import plots
 from .evaluation import evaluate_targets
+from .features import feature_recovery, load_features
 from .report import build_report, write_json, write_table
 from .sources import EvalTarget, resolve
 
@@ -28,6 +29,9 @@ def run_evaluation(cfg) -> dict:
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     targets, is_sweep = resolve(cfg, device=cfg.device)
     results = evaluate_targets(targets, cfg)
+    if cfg.true_features:
+        for t, r in zip(targets, results):
+            r["feature_recovery"] = feature_recovery(t.sae.W_dec, load_features(cfg.true_features, t.sae.d_in))
     reports = [build_report(t, r) for t, r in zip(targets, results)]
     folder = report_folder(cfg, targets, is_sweep)
     folder.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from tests.cache_factory import sparse_feature_activations, write_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,11 +18,13 @@ SMALL = ("budgets.small=['train.total_tokens=30000','loader.batch_size=256','loa
 
 
 def test_ablation_command_trains_one_sweep_and_reports(tmp_path):
-    x, _, _ = sparse_feature_activations(128 * 32, 16, n_features=48, active=3.0, seed=0, noise=0.01)
+    x, features, _ = sparse_feature_activations(128 * 32, 16, n_features=24, active=2.0, seed=0, noise=0.01)
     cache = write_cache(tmp_path / "cache", {(0, "mlp_out"): x}, context_length=32, chunk_rows=256)
+    np.save(tmp_path / "features.npy", features)
     run_dir = tmp_path / "ablation"
     done = subprocess.run([sys.executable, "-m", "evaluate.ablation", f"cache={cache}", "layer=0",
-                           "sublayer=mlp_out", f"run_dir={run_dir}", ARMS, SMALL, "eval.progress=false"],
+                           "sublayer=mlp_out", f"run_dir={run_dir}", ARMS, SMALL, "eval.progress=false",
+                           f"eval.true_features={tmp_path / 'features.npy'}"],
                           cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "budget=small" in done.stdout
@@ -47,3 +51,10 @@ def test_ablation_command_trains_one_sweep_and_reports(tmp_path):
     topk = sorted((r for r in result["rows"] if r["architecture"] == "topk"), key=lambda r: r["l0"])
     assert [round(r["l0"]) for r in topk] == [3, 8]        # TopK's L0 is its k, on held-out tokens too
     assert topk[0]["fvu"] > topk[1]["fvu"]                  # more latents, better reconstruction
+    # Known features: the trained decoders point at them far better than random directions do.
+    rng = np.random.default_rng(1)
+    random_dirs = rng.standard_normal((32, 16))
+    cos = features @ (random_dirs / np.linalg.norm(random_dirs, axis=1, keepdims=True)).T
+    chance = cos.max(1).mean()
+    assert all(r["feature_mmcs"] is not None for r in result["rows"])
+    assert max(r["feature_mmcs"] for r in result["rows"]) > chance + 0.2

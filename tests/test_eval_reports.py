@@ -149,3 +149,18 @@ def test_cli_rejects_typos_and_evaluates(synthetic, tmp_path):
                         cwd=repo, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert (run / "eval" / "report.json").is_file()
+
+
+def test_feature_recovery_against_numpy():
+    from evaluate.features import feature_recovery
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((10, D))
+    perm = rng.permutation(10)
+    exact = feature_recovery(torch.from_numpy(3.0 * features[perm]).float(), features)
+    assert exact["mean_max_cosine"] == pytest.approx(1.0, abs=1e-6) and exact["recovered_fraction"] == 1.0
+    W_dec = rng.standard_normal((7, D))
+    cos = (features / np.linalg.norm(features, axis=1, keepdims=True)) @ \
+        (W_dec / np.linalg.norm(W_dec, axis=1, keepdims=True)).T
+    got = feature_recovery(torch.from_numpy(W_dec), features, threshold=0.5)
+    assert got["mean_max_cosine"] == pytest.approx(cos.max(1).mean(), rel=1e-12)
+    assert got["recovered_fraction"] == pytest.approx((cos.max(1) > 0.5).mean())
