@@ -63,7 +63,7 @@ def test_jumprelu_loss_and_gradients_equal_float64_formulas(seed):
     x, W_enc, b_enc, theta, W_dec, b_dec, lam = near_threshold_case(seed)
     sae = JumpReLUSAE.from_tensors(torch.tensor(W_enc), torch.tensor(W_dec), torch.tensor(b_enc),
                                    torch.tensor(b_dec), torch.tensor(theta), bandwidth=EPS).double()
-    out = sae.training_loss(torch.tensor(x), lam, backend="reference", want_active=True)
+    out = sae.training_loss(torch.tensor(x), lam, backend="reference")
     out.loss.backward()
     loss, grads = numpy_jumprelu(x, W_enc, b_enc, theta, W_dec, b_dec, EPS, lam)
     assert out.loss.item() == pytest.approx(loss, rel=1e-12)
@@ -82,7 +82,7 @@ def test_log_theta_gradient_is_chain_rule_of_raw():
         for name, v in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
             getattr(sae, name).copy_(torch.tensor(v))
         sae.log_threshold.copy_(torch.tensor(np.log(theta)))
-    sae.training_loss(torch.tensor(x), lam, "reference", False).loss.backward()
+    sae.training_loss(torch.tensor(x), lam, "reference").loss.backward()
     _, grads = numpy_jumprelu(x, W_enc, b_enc, theta, W_dec, b_dec, EPS, lam)
     np.testing.assert_allclose(sae.log_threshold.grad.numpy(), grads["threshold"] * theta, rtol=1e-10, atol=1e-12)
 
@@ -92,7 +92,7 @@ def test_jumprelu_l1_threshold_gradient_matches_float64():
     x, W_enc, b_enc, theta, W_dec, b_dec, lam = near_threshold_case(4)
     sae = JumpReLUSAE.from_tensors(torch.tensor(W_enc), torch.tensor(W_dec), torch.tensor(b_enc),
                                    torch.tensor(b_dec), torch.tensor(theta), bandwidth=EPS, sparsity_loss="l1").double()
-    out = sae.training_loss(torch.tensor(x), lam, "reference", True)
+    out = sae.training_loss(torch.tensor(x), lam, "reference")
     out.loss.backward()
     B = x.shape[0]
     pre = x @ W_enc + b_enc
@@ -136,7 +136,7 @@ def test_step_keeps_decoder_unit_norm_and_uses_adam_betas():
     assert m.optimizer.param_groups[0]["betas"] == (0.0, 0.999)
     x = torch.randn(32, 8)
     W_before = m.sae.W_dec.detach().clone()
-    m.step(x, 0, x.var(0).sum(), True)
+    m.step(x, 0, x.var(0).sum())
     g = m.sae.W_dec.grad
     assert torch.allclose((g * W_before).sum(1), torch.zeros(16), atol=1e-6)   # parallel part removed
     torch.testing.assert_close(m.sae.W_dec.norm(dim=1), torch.ones(16))
@@ -158,3 +158,26 @@ def test_folding_gives_raw_unit_sae(arch):
     torch.testing.assert_close(raw.encode(x), c * sae.encode(x / c), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(raw(x), c * sae(x / c), rtol=1e-5, atol=1e-5)
     assert raw.architecture == arch and raw.d_in == d and raw.d_sae == W
+
+
+def test_dead_and_dense_latent_bookkeeping_matches_brute_force():
+    from train.metrics import LatentStats
+    rng = np.random.default_rng(0)
+    W, B, window = 12, 10, 40
+    rates = np.array([0.0, 0.001, 0.01, 0.05, 0.2, 0.5, 0.9, 0.02, 0.0, 0.3, 0.08, 0.15])
+    stats = LatentStats(W, window, 0.1, "cpu")
+    history = []
+    for step in range(23):
+        active = rng.random((B, W)) < rates
+        if step == 5:
+            active[:, 8] = True              # latent 8 fires once, early, then never again
+        history.append(active)
+        stats.update(torch.from_numpy(active.sum(0)), B)
+        seen = np.concatenate(history)
+        last = seen[-min(window, len(seen)):]
+        assert stats.dead() == int((~last.any(0)).sum()), step
+    # dense: over the current and the previous completed window of tokens
+    n_tokens = 23 * B
+    start = (n_tokens // window - 1) * window
+    span = np.concatenate(history)[start:]
+    assert stats.dense() == int((span.mean(0) > 0.1).sum())

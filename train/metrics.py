@@ -20,11 +20,12 @@ class LatentStats:
         self.prev_counts = torch.zeros_like(self.counts)
         self.prev_seen = 0
 
-    def update(self, active: torch.Tensor) -> None:
-        self.tokens += active.shape[0]
-        self.last_fired.masked_fill_(active.any(0), self.tokens)
-        self.counts += active.sum(0)
-        self.seen += active.shape[0]
+    def update(self, firings: torch.Tensor, n_tokens: int) -> None:
+        """firings [d_sae]: on how many of the batch's n_tokens tokens each latent fired."""
+        self.tokens += n_tokens
+        self.last_fired.masked_fill_(firings > 0, self.tokens)
+        self.counts += firings
+        self.seen += n_tokens
         if self.seen >= self.window:
             self.prev_counts, self.prev_seen = self.counts, self.seen
             self.counts, self.seen = torch.zeros_like(self.counts), 0

@@ -20,7 +20,7 @@ class StepOutput:
     loss: torch.Tensor        # what the optimizer minimises
     mse: torch.Tensor         # mean over the batch of ||x - x_hat||^2
     l0: torch.Tensor          # mean number of active latents per token (no gradient)
-    active: torch.Tensor | None  # bool [B, d_sae] when asked for, for dead/dense latent statistics
+    firings: torch.Tensor     # int64 [d_sae]: tokens of the batch on which each latent fired
 
 
 def decoder_init(d_sae: int, d_in: int, generator: torch.Generator) -> torch.Tensor:
@@ -50,7 +50,7 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
-    def training_loss(self, x, sparsity_coeff: float, backend: str, want_active: bool) -> StepOutput:
+    def training_loss(self, x, sparsity_coeff: float, backend: str) -> StepOutput:
         raise NotImplementedError
 
     def hyperparameters(self) -> dict:
@@ -135,15 +135,15 @@ class JumpReLUSAE(SparseAutoencoder):
         pre = x @ self.W_enc + self.b_enc
         return pre * (pre > self.threshold)
 
-    def training_loss(self, x, sparsity_coeff, backend, want_active):
+    def training_loss(self, x, sparsity_coeff, backend):
         if self.sparsity_loss == "l0":
             out = kernels.jumprelu_sae(x, self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec,
                                        bandwidth=self.bandwidth, sparsity_coeff=sparsity_coeff, backend=backend)
-            active = None
-            if want_active:
+            firings = out.firings
+            if firings is None:      # a backend that does not count them: one more encoder GEMM
                 with torch.no_grad():
-                    active = (x @ self.W_enc + self.b_enc) > self.threshold
-            return StepOutput(out.loss, out.mse.detach(), out.l0.detach(), active)
+                    firings = ((x @ self.W_enc + self.b_enc) > self.threshold).sum(0)
+            return StepOutput(out.loss, out.mse.detach(), out.l0.detach(), firings)
         pre = x @ self.W_enc + self.b_enc
         f = JumpReLUFunction.apply(pre, self.threshold, self.bandwidth)
         mse = self._mse(x, self.decode(f))
@@ -151,7 +151,7 @@ class JumpReLUSAE(SparseAutoencoder):
         # f >= theta > 0 where active: L1 = sum f, whose derivative is 1 also at inactive latents (abs()
         # would give 0 there and drop the L1 term from the threshold's straight-through gradient)
         loss = mse + sparsity_coeff * f.sum(-1).mean()
-        return StepOutput(loss, mse.detach(), active.sum(-1, dtype=x.dtype).mean(), active)
+        return StepOutput(loss, mse.detach(), active.sum(-1, dtype=x.dtype).mean(), active.sum(0))
 
     def after_step(self):
         if self.theta_parametrisation == "raw":
@@ -192,12 +192,12 @@ class ReLUSAE(SparseAutoencoder):
     def encode(self, x):
         return torch.relu(x @ self.W_enc + self.b_enc)
 
-    def training_loss(self, x, sparsity_coeff, backend, want_active):
+    def training_loss(self, x, sparsity_coeff, backend):
         f = self.encode(x)
         mse = self._mse(x, self.decode(f))
         active = (f > 0).detach()
         loss = mse + sparsity_coeff * f.sum(-1).mean()
-        return StepOutput(loss, mse.detach(), active.sum(-1, dtype=x.dtype).mean(), active)
+        return StepOutput(loss, mse.detach(), active.sum(-1, dtype=x.dtype).mean(), active.sum(0))
 
 
 class TopKSAE(SparseAutoencoder):
@@ -218,11 +218,11 @@ class TopKSAE(SparseAutoencoder):
         top = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
 
-    def training_loss(self, x, sparsity_coeff, backend, want_active):
+    def training_loss(self, x, sparsity_coeff, backend):
         f = self.encode(x)
         mse = self._mse(x, self.decode(f))
         active = (f > 0).detach()
-        return StepOutput(mse, mse.detach(), active.sum(-1, dtype=x.dtype).mean(), active)
+        return StepOutput(mse, mse.detach(), active.sum(-1, dtype=x.dtype).mean(), active.sum(0))
 
     def hyperparameters(self):
         return {"k": self.k}
@@ -253,7 +253,7 @@ class GatedSAE(SparseAutoencoder):
         pi_gate, pi_mag = self._paths(x)
         return (pi_gate > 0) * torch.relu(pi_mag)
 
-    def training_loss(self, x, sparsity_coeff, backend, want_active):
+    def training_loss(self, x, sparsity_coeff, backend):
         pi_gate, pi_mag = self._paths(x)
         f = (pi_gate > 0) * torch.relu(pi_mag)
         mse = self._mse(x, self.decode(f))
@@ -261,7 +261,7 @@ class GatedSAE(SparseAutoencoder):
         aux = self._mse(x, gate @ self.W_dec.detach() + self.b_dec.detach())
         loss = mse + sparsity_coeff * gate.sum(-1).mean() + aux
         active = (f > 0).detach()
-        return StepOutput(loss, mse.detach(), active.sum(-1, dtype=x.dtype).mean(), active)
+        return StepOutput(loss, mse.detach(), active.sum(-1, dtype=x.dtype).mean(), active.sum(0))
 
 
 ARCHITECTURES = {cls.architecture: cls for cls in (JumpReLUSAE, ReLUSAE, TopKSAE, GatedSAE)}
