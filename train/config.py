@@ -60,6 +60,7 @@ class LoopConfig:
     log_every_steps: int = 100
     dead_window_tokens: int = 10_000_000  # a latent is dead with no activation in this many tokens
     dense_fraction: float = 0.1           # ...dense when active on more than this fraction of them
+    latent_stats_every: int = 1           # steps between dead/dense updates (free with the kernels' firing counts)
     tensorboard: bool = True
     progress: bool = True
 

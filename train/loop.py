@@ -52,7 +52,7 @@ def fingerprint(cfg, specs) -> dict:
     t = cfg.train
     return {"cache": str(Path(cfg.cache).resolve()), "layer": cfg.layer, "sublayer": cfg.sublayer,
             "loader": loader, "total_tokens": t.total_tokens, "seed": t.seed,
-            "dead_window_tokens": t.dead_window_tokens,
+            "dead_window_tokens": t.dead_window_tokens, "latent_stats_every": t.latent_stats_every,
             "members": [[s.name, OmegaConf.to_container(s.cfg.sae), OmegaConf.to_container(s.cfg.optim)]
                         for s in specs]}
 
@@ -142,8 +142,9 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
         while step < total_steps:
             x = loader.next_batch().to(torch.float32).div_(scale)
             variance = (x - x.mean(0)).pow(2).sum(-1).mean()
+            track = step % t.latent_stats_every == 0
             for m in members:
-                m.step(x, step, variance)
+                m.step(x, step, variance, track)
             step += 1
             bar.update(batch)
             if step % t.log_every_steps == 0 or step == total_steps:

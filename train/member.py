@@ -26,19 +26,20 @@ class Member:
     def _reset_sums(self):
         self.losses, self.sums, self.n = [], {}, 0
 
-    def step(self, x: torch.Tensor, step: int, variance: torch.Tensor) -> None:
+    def step(self, x: torch.Tensor, step: int, variance: torch.Tensor, track_latents: bool = True) -> None:
         lam = lambda_at(step, self.cfg.sae.sparsity_coeff, self.cfg.optim)
         lr = lr_at(step, self.total_steps, self.cfg.optim)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        out = self.sae.training_loss(x, lam, self.backend)
+        out = self.sae.training_loss(x, lam, self.backend, want_firings=track_latents)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         remove_parallel_grad(self.sae.W_dec)
         self.optimizer.step()
         renormalise_rows(self.sae.W_dec)
         self.sae.after_step()
-        self.stats.update(out.firings, x.shape[0])
+        if track_latents and out.firings is not None:
+            self.stats.update(out.firings, x.shape[0])
         loss = out.loss.detach()
         self.losses.append(loss)
         for k, v in (("loss", loss), ("mse", out.mse), ("fvu", out.mse / variance), ("l0", out.l0)):

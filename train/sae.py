@@ -20,7 +20,7 @@ class StepOutput:
     loss: torch.Tensor        # what the optimizer minimises
     mse: torch.Tensor         # mean over the batch of ||x - x_hat||^2
     l0: torch.Tensor          # mean number of active latents per token (no gradient)
-    firings: torch.Tensor     # int64 [d_sae]: tokens of the batch on which each latent fired
+    firings: torch.Tensor | None  # int64 [d_sae]: tokens of the batch on which each latent fired
 
 
 def decoder_init(d_sae: int, d_in: int, generator: torch.Generator) -> torch.Tensor:
@@ -50,7 +50,7 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
-    def training_loss(self, x, sparsity_coeff: float, backend: str) -> StepOutput:
+    def training_loss(self, x, sparsity_coeff: float, backend: str, want_firings: bool = True) -> StepOutput:
         raise NotImplementedError
 
     def hyperparameters(self) -> dict:
@@ -135,12 +135,12 @@ class JumpReLUSAE(SparseAutoencoder):
         pre = x @ self.W_enc + self.b_enc
         return pre * (pre > self.threshold)
 
-    def training_loss(self, x, sparsity_coeff, backend):
+    def training_loss(self, x, sparsity_coeff, backend, want_firings=True):
         if self.sparsity_loss == "l0":
             out = kernels.jumprelu_sae(x, self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec,
                                        bandwidth=self.bandwidth, sparsity_coeff=sparsity_coeff, backend=backend)
             firings = out.firings
-            if firings is None:      # a backend that does not count them: one more encoder GEMM
+            if firings is None and want_firings:   # a backend that does not count them: one more GEMM
                 with torch.no_grad():
                     firings = ((x @ self.W_enc + self.b_enc) > self.threshold).sum(0)
             return StepOutput(out.loss, out.mse.detach(), out.l0.detach(), firings)
@@ -192,7 +192,7 @@ class ReLUSAE(SparseAutoencoder):
     def encode(self, x):
         return torch.relu(x @ self.W_enc + self.b_enc)
 
-    def training_loss(self, x, sparsity_coeff, backend):
+    def training_loss(self, x, sparsity_coeff, backend, want_firings=True):
         f = self.encode(x)
         mse = self._mse(x, self.decode(f))
         active = (f > 0).detach()
@@ -218,7 +218,7 @@ class TopKSAE(SparseAutoencoder):
         top = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
 
-    def training_loss(self, x, sparsity_coeff, backend):
+    def training_loss(self, x, sparsity_coeff, backend, want_firings=True):
         f = self.encode(x)
         mse = self._mse(x, self.decode(f))
         active = (f > 0).detach()
@@ -253,7 +253,7 @@ class GatedSAE(SparseAutoencoder):
         pi_gate, pi_mag = self._paths(x)
         return (pi_gate > 0) * torch.relu(pi_mag)
 
-    def training_loss(self, x, sparsity_coeff, backend):
+    def training_loss(self, x, sparsity_coeff, backend, want_firings=True):
         pi_gate, pi_mag = self._paths(x)
         f = (pi_gate > 0) * torch.relu(pi_mag)
         mse = self._mse(x, self.decode(f))
