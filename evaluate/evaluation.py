@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import EvalInputError
-from .delta_lm import check_site, delta_lm_loss
+from .delta_lm import delta_lm_losses
 from .heldout import heldout_batches, non_bos_mask, open_site, select_heldout
 from .reconstruction import ReconstructionAccumulator
 from .sources import EvalTarget
@@ -81,9 +81,8 @@ def _evaluate_group(members: list[EvalTarget], cache: str, layer: int, sublayer:
             r["delta_lm"] = {"skipped": reason}
         return results
     tokens = torch.cat(lm_tokens)[:n_lm]
-    for t, r in zip(members, results):
-        check_site(model, layer, sublayer, t.sae.d_in)
-        r["delta_lm"] = delta_lm_loss(model, tokens, layer, sublayer, t.sae, source.bos_token_id,
-                                      batch_sequences=cfg.delta_lm_batch_sequences,
-                                      progress=cfg.progress).to_dict()
+    lm = delta_lm_losses(model, tokens, layer, sublayer, [t.sae for t in members], source.bos_token_id,
+                         batch_sequences=cfg.delta_lm_batch_sequences, progress=cfg.progress)
+    for r, result in zip(results, lm):
+        r["delta_lm"] = result.to_dict()
     return results

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from evaluate.delta_lm import delta_lm_loss
+from evaluate.delta_lm import delta_lm_loss, delta_lm_losses
 from train.sae import JumpReLUSAE
 
 BOS = 2
@@ -144,3 +144,20 @@ def test_width_mismatch_is_a_clear_error(model, tokens):
     with pytest.raises(ValueError, match="width mismatch.*16.*32"):
         delta_lm_loss(model, tokens, LAYER, "mlp_out", identity_like_sae(16), BOS, splice=site_splice(),
                       progress=False)
+
+
+def test_several_saes_share_the_clean_and_zero_forwards(model, tokens):
+    saes = [identity_like_sae(32), affine_sae(32)]
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        together = delta_lm_losses(model, tokens, LAYER, "mlp_out", saes, BOS, splice=site_splice(),
+                                   batch_sequences=5, progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == len(saes) + 2            # one batch: clean, zero, one spliced forward per SAE
+    for sae, got in zip(saes, together):
+        alone = delta_lm_loss(model, tokens, LAYER, "mlp_out", sae, BOS, splice=site_splice(),
+                              batch_sequences=5, progress=False)
+        numbers = {k: v for k, v in alone.to_dict().items() if k != "note"}
+        assert {k: got.to_dict()[k] for k in numbers} == pytest.approx(numbers, rel=1e-12, abs=1e-12)
