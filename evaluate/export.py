@@ -67,6 +67,10 @@ def export(cfg: ExportConfig) -> Path:
     run = Path(cfg.run)
     if not run.is_dir():
         raise RunError(f"run={str(run)!r} is not a run folder")
+    members = sorted(p.name for p in run.iterdir() if (p / "sae.json").is_file())
+    if members and not (run / "sae.json").exists():
+        raise ExportError(f"run={str(run)!r} is a sweep folder; export one of its {len(members)} members, "
+                          f"e.g. RUN={run / members[0]}")
     out = Path(cfg.out)
     _prepare_out(out, cfg.overwrite)
     settings = SimpleNamespace(layer=None, sublayer=None, cache=None)

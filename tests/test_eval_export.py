@@ -157,3 +157,12 @@ def test_released_params_npz_needs_its_site_and_evaluates_beside_ours(run_of, tm
     assert (released / "eval" / "report.json").is_file()
     with pytest.raises(RunError, match="trained on layer=3 but layer=4"):
         run_evaluation(EvalConfig(run=str(run), layer=4, progress=False, plots=False))
+
+
+def test_export_of_a_sweep_folder_names_its_members(run_of, tmp_path):
+    import shutil
+    run, _ = run_of("relu")
+    sweep = tmp_path / "sweep"
+    shutil.copytree(run, sweep / "member_a")
+    with pytest.raises(ExportError, match="sweep folder.*member_a"):
+        _export(sweep, "saelens", tmp_path / "out")
