@@ -4,14 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 import train.config  # noqa: F401
-import train.loader
 from tests.cache_factory import sparse_feature_activations, write_cache
 from train.cache_reader import ActivationArray, CacheError
 from train.cli import run_training

@@ -1,5 +1,4 @@
 """The SAE maths of shared/DESIGN.md against an independent float64 NumPy implementation."""
-import math
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ from omegaconf import OmegaConf
 from train.config import OptimConfig, SAEConfig
 from train.member import Member
 from train.optim import lambda_at, lr_at
-from train.sae import ARCHITECTURES, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE, build_sae
+from train.sae import ARCHITECTURES, JumpReLUSAE, build_sae
 
 EPS = 1e-3
 

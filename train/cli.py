@@ -4,7 +4,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
 
 from .cache_reader import CacheError
 from .loop import MemberSpec, TrainingDiverged, train_members
@@ -42,7 +41,7 @@ def run_training(cfg, single: bool):
             print(f"[train] {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                  for k, v in shown.items()))
         if single:
-            print(f"[train] wrote {run_dir / 'sae.safetensors'} and {run_dir / 'sae.json'}")
+            print(f"[train] wrote {specs[0].folder / 'sae.safetensors'} and {specs[0].folder / 'sae.json'}")
         else:
             print(f"[sweep] wrote {len(specs)} run folders under {run_dir}")
     return final
