@@ -6,6 +6,8 @@ its own library functions (tl.sum, tl.cumsum, ...) when `triton` is first import
 imported triton before us with the interpreter off (loading transformers' Gemma 2 classes does,
 through torch._dynamo), those library functions are compiled-mode objects that an interpreted
 kernel cannot call. In that case, without CUDA, rebuild them as interpreted functions.
+JUMPSCOPE_NO_INTERPRET=1 keeps the interpreter off (kernels/compile_check.py compiles for a GPU
+that is not there).
 """
 import os
 import sys
@@ -27,7 +29,8 @@ def _interpret_triton_library() -> None:
                 setattr(ns, name, InterpretedFunction(obj.fn))
 
 
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+if (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+        and os.environ.get("JUMPSCOPE_NO_INTERPRET", "0") in ("", "0")):
     already_imported = "triton" in sys.modules
     os.environ["TRITON_INTERPRET"] = "1"
     if already_imported:

@@ -48,8 +48,14 @@ def jumprelu_encode_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
-    # Row stride of the list buffers is N_SEG * seg_width; one segment's list starts at slot 0.
-    list_base = (rows64 * N_SEG + pid_s) * seg_width
+    # The lists of token r, segment s start at (r * N_SEG + s) * seg_width. Offsets inside this
+    # program's row block fit in 32 bits; 64-bit per-element addresses would spill registers.
+    row_stride = N_SEG * seg_width
+    block_base = (pid_m.to(tl.int64) * BLOCK_M * N_SEG + pid_s) * seg_width
+    list_idx_ptr += block_base
+    list_pre_ptr += block_base
+    list_rank_ptr += block_base
+    row_off = tl.arange(0, BLOCK_M) * row_stride
     n_kept = tl.zeros((BLOCK_M,), dtype=tl.int32)
     n_active = tl.zeros((BLOCK_M,), dtype=tl.int32)
     seg_start = pid_s * seg_width
@@ -78,13 +84,11 @@ def jumprelu_encode_kernel(
             keep = near.to(tl.int32)
         else:
             keep = (active | near).to(tl.int32)
-        slot = n_kept[:, None] + tl.cumsum(keep, axis=1) - keep
-        rank = tl.cumsum(keep, axis=0) - keep
-        dst = list_base[:, None] + slot
+        dst = (row_off + n_kept)[:, None] + tl.cumsum(keep, axis=1) - keep
         kept = keep != 0
-        tl.store(list_idx_ptr + dst, (cols[None, :] + 0 * rows[:, None]).to(tl.int32), mask=kept)
+        tl.store(list_idx_ptr + dst, tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_N)), mask=kept)
         tl.store(list_pre_ptr + dst, pre, mask=kept)
-        tl.store(list_rank_ptr + dst, rank, mask=kept)
+        tl.store(list_rank_ptr + dst, tl.cumsum(keep, axis=0) - keep, mask=kept)
         active_i = active.to(tl.int32)
         tl.store(col_cnt_ptr + pid_m.to(tl.int64) * W + cols, tl.sum(keep, axis=0), mask=col_ok)
         tl.store(fire_cnt_ptr + pid_m.to(tl.int64) * W + cols, tl.sum(active_i, axis=0), mask=col_ok)

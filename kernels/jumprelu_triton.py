@@ -98,21 +98,35 @@ class Blocks:
     feat: int         # features per program / chunk in the gather kernels
     tokens: int       # tokens per chunk in the per-latent reduction
     gather_warps: int
-    mm_m: int         # dense GEMM tiles
+    mm_m: int         # dense GEMM tiles (plain epilogue)
     mm_n: int
     mm_k: int
     mm_group: int
     mm_warps: int
     mm_stages: int
+    mm_epi_n: int     # column tile of the dense GEMMs with a decode or mask epilogue
+
+
+# Chosen from `python -m kernels.compile_check` (sm_90 compiler report, no GPU needed): the
+# largest tiles whose epilogues do not spill. The encoder at 128x128 spilled 1.7 KB per thread
+# in its list-writing epilogue, at 64x128 280 B; the fused-epilogue GEMMs at 128x128 200-300 B,
+# at 128x64 none; latent_grads with 32 tokens x 256 features 72 B, with 16 x 128 none.
+# Not yet timed on a GPU.
+CUDA_BLOCKS = Blocks(enc_m=64, enc_n=128, enc_k=64, enc_warps=8, enc_stages=3,
+                     entries=32, feat=128, tokens=16, gather_warps=4,
+                     mm_m=128, mm_n=128, mm_k=64, mm_group=8, mm_warps=8, mm_stages=3, mm_epi_n=64)
+# Small blocks so that the CPU tests exercise several tiles, segments and chunks.
+INTERPRETER_BLOCKS = Blocks(enc_m=16, enc_n=16, enc_k=16, enc_warps=4, enc_stages=1,
+                            entries=8, feat=16, tokens=8, gather_warps=4,
+                            mm_m=16, mm_n=16, mm_k=16, mm_group=2, mm_warps=4, mm_stages=1,
+                            mm_epi_n=16)
 
 
 def _blocks(B: int, D: int, W: int, device: torch.device) -> tuple[Blocks, int]:
     """Block sizes and the number of column segments of the encoder grid."""
     if _interpreting() or device.type != "cuda":
-        # Small blocks so that the CPU tests exercise several tiles, segments and chunks.
-        return Blocks(16, 16, 16, 4, 1, 8, 16, 8, 4, 16, 16, 16, 2, 4, 1), 3
-    blocks = Blocks(128, 128, 64, 8, 3, 32, min(256, triton.next_power_of_2(D)), 32, 4,
-                    128, 128, 64, 8, 8, 3)
+        return INTERPRETER_BLOCKS, 3
+    blocks = CUDA_BLOCKS
     n_sm = torch.cuda.get_device_properties(device).multi_processor_count
     n_rb = triton.cdiv(B, blocks.enc_m)
     # Enough (row block, segment) programs to fill the chip twice; each segment walks its tiles.
@@ -142,7 +156,7 @@ def _forward(x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam, precision, mo
     if dense:
         x_hat, sq_err = dense_matmul(
             enc["f"], w_dec_op, out_dtype=out_dtype, epilogue=EPILOGUE_DECODE,
-            bias=b_dec.contiguous(), x=x, block_m=blocks.mm_m, block_n=blocks.mm_n,
+            bias=b_dec.contiguous(), x=x, block_m=blocks.mm_m, block_n=blocks.mm_epi_n,
             block_k=blocks.mm_k, group_m=blocks.mm_group, input_precision=input_precision,
             num_warps=blocks.mm_warps, num_stages=blocks.mm_stages, alloc=_alloc)
     else:
@@ -193,7 +207,8 @@ def _backward(st, g_loss, g_mse, g_l0, g_xhat):
         f = enc["f"]
         g_op = g.to(st["op_dtype"])
         dpre, db_part = dense_matmul(g_op, st["w_dec_op"].t(), out_dtype=st["op_dtype"],
-                                     epilogue=EPILOGUE_MASK, mask=f, **mm)
+                                     epilogue=EPILOGUE_MASK, mask=f,
+                                     **{**mm, "block_n": blocks.mm_epi_n})
         db_enc = db_part.sum(0)
         dw_enc = dense_matmul(st["x_op"].t(), dpre, **mm)
         dw_dec = dense_matmul(f.t(), g_op, **mm)
