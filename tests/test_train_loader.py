@@ -41,8 +41,10 @@ def expected_rows(source, held):
     return r[ok]
 
 
-def test_every_training_row_once_per_epoch(indexed_cache):
-    loader, held = make_loader(indexed_cache)
+@pytest.mark.parametrize("batch,buffer", [(20, 3 * ROWS), (100, ROWS), (7, 1000 * ROWS)])
+def test_every_training_row_once_per_epoch(indexed_cache, batch, buffer):
+    """Also with batches spanning several windows (batch > window) and a buffer larger than the cache."""
+    loader, held = make_loader(indexed_cache, batch=batch, buffer=buffer)
     want = expected_rows(indexed_cache, held)
     assert loader.rows_per_epoch == len(want) and len(held) > 0
     rows = served_rows(loader, 3 * len(want))

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -179,3 +180,27 @@ def test_cli_runs_and_rejects_missing_layer(cache, tmp_path):
     assert (tmp_path / "run" / "sae.safetensors").exists() and (tmp_path / "run" / ".hydra").exists()
     bad = subprocess.run(args + ["layer=7", f"run_dir={tmp_path / 'bad'}"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "It holds: layer_3/mlp_out" in bad.stderr
+
+
+def test_sweep_shards_split_members_and_log_theta_trains(cache, tmp_path):
+    grid = "sweep.grid.sae.sparsity_coeff=[0.001,0.01,0.1]"
+    final = run_training(make_cfg(cache, tmp_path / "s", grid, "sweep.num_shards=2", "sweep.shard=1",
+                                  "sae.theta_parametrisation=log", sweep=True), single=False)
+    assert sorted(final) == ["sparsity_coeff=0.01"]                    # members 0, 2 belong to shard 0
+    assert (tmp_path / "s" / "checkpoint_shard1of2.pt").exists()
+    sae, meta = load_sae(tmp_path / "s" / "sparsity_coeff=0.01")
+    assert meta["hyperparameters_train"]["sae"]["theta_parametrisation"] == "log"
+    assert torch.all(sae.threshold > 0) and not torch.allclose(sae.threshold, torch.full_like(sae.threshold,
+                                                                                            1e-3 * meta["normalisation"]["scale"]))
+
+
+def test_cache_without_statistics_estimates_them(tmp_path, capsys):
+    x, _, _ = sparse_feature_activations(16 * 48, 8, 12, 2, seed=3)
+    cache = write_cache(tmp_path / "c", {(3, "mlp_out"): x}, context_length=16, chunk_rows=32,
+                        write_mean_squared_norm=False)
+    run_training(make_cfg(cache, tmp_path / "r", "train.total_tokens=64"), single=True)
+    assert "no mean_squared_norm attribute; estimated" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "r" / "sae.json").read_text())
+    rows = x.reshape(-1, 16, 8)[:, 1:].reshape(-1, 8).astype(np.float64)   # non-BOS rows
+    # a sample of 16 of the 23 complete chunks (the exact estimator is checked in test_train_cache.py)
+    assert meta["normalisation"]["mean_squared_norm"] == pytest.approx((rows ** 2).sum(1).mean(), rel=0.1)
