@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import AblationConfig, register_configs
 from .errors import EvalInputError, clear_errors
+from .report import json_safe
 from .run_eval import print_summary, run_evaluation
 
 QUESTIONS = (
@@ -158,7 +159,8 @@ def write_ablation_report(rows: list[dict], comparisons: list[dict], folder: Pat
     lines += ["## Every SAE", "", (folder / "table.md").read_text()]
     path = folder / "ablation.md"
     path.write_text("\n".join(lines) + "\n")
-    (folder / "ablation.json").write_text(json.dumps({"rows": rows, "comparisons": comparisons}, indent=1) + "\n")
+    (folder / "ablation.json").write_text(
+        json.dumps(json_safe({"rows": rows, "comparisons": comparisons}), indent=1, allow_nan=False) + "\n")
     return path
 
 

@@ -28,8 +28,9 @@ class EvalConfig:
     # Report folder; default: <run>/eval (for a params.npz: <its folder>/eval_<file stem>).
     out: Optional[str] = None
     device: str = "auto"                 # auto: cuda when available, else cpu
-    # Held-out tokens used for the reconstruction metrics (null: all of them).
-    max_tokens: Optional[int] = 1_048_576
+    # Held-out tokens used for the reconstruction metrics (null: all of them). Held-out sequences are
+    # scattered, so each costs about one chunk read: 256k tokens of Gemma 2 2B read ~10 GB.
+    max_tokens: Optional[int] = 262_144
     # Held-out sequences re-run through the model for delta LM loss (0: skip delta LM loss).
     delta_lm_sequences: int = 64
     batch_sequences: int = 8

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from .errors import EvalInputError
 from .delta_lm import delta_lm_losses
+from .errors import EvalInputError
 from .heldout import heldout_batches, non_bos_mask, open_site, select_heldout
 from .reconstruction import ReconstructionAccumulator
 from .sources import EvalTarget
@@ -48,8 +48,8 @@ def _evaluate_group(members: list[EvalTarget], cache: str, layer: int, sublayer:
     source = open_site(cache, layer, sublayer)
     for t in members:
         if t.sae.d_in != source.width:
-            raise EvalInputError(f"width mismatch: SAE {t.name} reads {t.sae.d_in}-dimensional activations but "
-                             f"the cache's {source.name} is {source.width} wide")
+            raise EvalInputError(f"width mismatch: SAE {t.name} reads {t.sae.d_in}-dimensional activations "
+                                 f"but the cache's {source.name} is {source.width} wide")
     seqs = select_heldout(source, members[0].heldout, cfg.max_tokens)
     accs = [ReconstructionAccumulator(t.sae.d_sae, source.context_length, cfg.dense_threshold) for t in members]
     device = torch.device(cfg.device)

@@ -87,9 +87,20 @@ def firing_histogram(freq: list[float], n_tokens: int, bins_per_decade: int = 4)
     return {"log10_edges": edges.tolist(), "counts": counts.tolist(), "dead": int((f == 0).sum())}
 
 
+def json_safe(v):
+    """NaN and infinities become null: strict JSON readers (browsers, jq) reject them."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
+
+
 def write_json(report: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
+    path.write_text(json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n")
 
 
 def table_row(report: dict) -> dict:
