@@ -166,3 +166,19 @@ def test_export_of_a_sweep_folder_names_its_members(run_of, tmp_path):
     shutil.copytree(run, sweep / "member_a")
     with pytest.raises(ExportError, match="sweep folder.*member_a"):
         _export(sweep, "saelens", tmp_path / "out")
+
+
+def test_saelens_attn_z_export_takes_transformerlens_head_shaped_inputs(tmp_path):
+    """attn_z is the flattening of TransformerLens's hook_z [..., n_heads, d_head]: SAELens reshapes it."""
+    sae_lens = pytest.importorskip("sae_lens")
+    ours = _perturbed(JumpReLUSAE(D, W, torch.Generator().manual_seed(0)), 0).folded(C)
+    save_sae(tmp_path / "run", ours, {"model": "google/gemma-2-2b", "layer": 5, "sublayer": "attn_z",
+                                      "cache": str(tmp_path / "no_cache"), "heldout": {"fraction": 0.1, "seed": 0}})
+    out = _export(tmp_path / "run", "saelens", tmp_path / "sl")
+    theirs = sae_lens.SAE.load_from_disk(str(out), device="cpu")
+    assert json.loads((out / "cfg.json").read_text())["metadata"]["hook_name"] == "blocks.5.attn.hook_z"
+    heads = _raw_inputs().view(-1, 2, D // 2)                    # [tokens, n_heads, d_head]
+    with torch.no_grad():
+        f = theirs.encode(heads)
+        torch.testing.assert_close(f, ours.encode(heads.flatten(1)), rtol=0, atol=0)
+        torch.testing.assert_close(theirs.decode(f), ours(heads.flatten(1)).view_as(heads), rtol=0, atol=0)
