@@ -219,11 +219,85 @@ def bench_shape(batch, d, width, l0, device, timer, ceilings, smoke):
     return row
 
 
+ENCODER_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first is the default
+    (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+    (64, 256, 64, 8, 3), (128, 64, 64, 4, 4),
+]
+
+
+def breakdown(batch, d, width, l0, device, timer, smoke):
+    """Time each stage of the fused op on its own (forward and backward kernels, casts, copies)
+    and the encoder at several tile shapes, to see where the time goes and tune the encoder."""
+    from . import jumprelu_triton as jt
+    from .dense_matmul import EPILOGUE_DECODE, EPILOGUE_MASK, dense_matmul
+    from .entry_grad import entry_grad
+    from .jumprelu_encode import jumprelu_encode
+    from .latent_grads import latent_grads
+    from .latent_transpose import latent_transpose
+    from .sparse_decode import sparse_decode
+    x, (W_enc, b_enc, theta, W_dec, b_dec) = make_sae(batch, d, width, l0, device)
+    cuda = device.type == "cuda"
+    op = torch.bfloat16 if cuda else torch.float32
+    bk = jt.CUDA_BLOCKS if cuda else jt.INTERPRETER_BLOCKS
+    blocks, n_seg = jt._blocks(batch, d, width, device)
+    x_op, we, wd = x.to(op), W_enc.to(op), W_dec.to(op).contiguous()
+    ms = {}
+    ms["cast W_enc, W_dec to operand dtype"] = timer(lambda: (W_enc.to(op), W_dec.to(op)))
+    if cuda:
+        ms["cuBLAS x @ W_enc (bf16)"] = timer(lambda: x_op @ we)
+    configs = ENCODER_CONFIGS if cuda else [(16, 16, 16, 4, 1), (32, 16, 16, 4, 1)]
+    for bm, bn, bkk, warps, stages in configs:
+        n_rb = -(-batch // bm)
+        segs = max(1, min(-(-width // bn), -(-2 * (torch.cuda.get_device_properties(device).multi_processor_count if cuda else 4) // n_rb)))
+        try:
+            ms[f"encode {bm}x{bn}x{bkk} w{warps} s{stages}"] = timer(lambda: jumprelu_encode(
+                x_op, we, b_enc, theta, BANDWIDTH, n_seg=segs, block_m=bm, block_n=bn, block_k=bkk,
+                num_warps=warps, num_stages=stages))
+        except Exception as e:                                     # e.g. out of shared memory
+            ms[f"encode {bm}x{bn}x{bkk} w{warps} s{stages}"] = f"{type(e).__name__}: {e}"[:120]
+    enc_kw = dict(n_seg=n_seg, block_m=blocks.enc_m, block_n=blocks.enc_n, block_k=blocks.enc_k,
+                  num_warps=blocks.enc_warps, num_stages=blocks.enc_stages)
+    enc = jumprelu_encode(x_op, we, b_enc, theta, BANDWIDTH, **enc_kw)
+    enc_dense = jumprelu_encode(x_op, we, b_enc, theta, BANDWIDTH, dense_f=True, **enc_kw)
+    ms["encode, dense f (default tiles)"] = timer(lambda: jumprelu_encode(
+        x_op, we, b_enc, theta, BANDWIDTH, dense_f=True, **enc_kw))
+    ms["sparse_decode"] = timer(lambda: sparse_decode(enc, theta, wd, b_dec, x, block_e=bk.entries,
+                                                       block_d=bk.feat, num_warps=bk.gather_warps))
+    mm = dict(block_m=bk.mm_m, block_k=bk.mm_k, group_m=bk.mm_group, num_warps=bk.mm_warps,
+              num_stages=bk.mm_stages)
+    ms["dense decode GEMM"] = timer(lambda: dense_matmul(enc_dense["f"], wd, epilogue=EPILOGUE_DECODE,
+                                                         bias=b_dec, x=x, block_n=bk.mm_epi_n, **mm))
+    g = torch.randn(batch, d, device=device) * 1e-4
+    latent = latent_transpose(enc, width, block_e=bk.entries, num_warps=bk.gather_warps)
+    ms["latent_transpose (+ scans)"] = timer(lambda: latent_transpose(
+        enc, width, block_e=bk.entries, num_warps=bk.gather_warps))
+    df = torch.empty_like(enc["list_pre"])
+    ms["entry_grad"] = timer(lambda: entry_grad(enc, g, wd, block_e=bk.entries, block_d=bk.feat,
+                                                num_warps=bk.gather_warps, out=df))
+    c0 = torch.ones(1, device=device)
+    ms["latent_grads"] = timer(lambda: latent_grads(*latent, enc, df, theta, c0, x_op, g, BANDWIDTH,
+                                                    block_t=bk.tokens, block_d=bk.feat,
+                                                    num_warps=bk.gather_warps))
+    dw_t = torch.randn(width, d, device=device)
+    ms["dW_enc^T -> [d, W] copy (AccumulateGrad)"] = timer(lambda: dw_t.t().contiguous())
+    g_op = g.to(op)
+    ms["dense dpre GEMM (mask epilogue)"] = timer(lambda: dense_matmul(
+        g_op, wd.t(), out_dtype=op, epilogue=EPILOGUE_MASK, mask=enc_dense["f"],
+        block_n=bk.mm_epi_n, **mm))
+    dpre = torch.randn(batch, width, device=device).to(op)
+    ms["dense dW_enc GEMM"] = timer(lambda: dense_matmul(x_op.t(), dpre, block_n=bk.mm_n, **mm))
+    ms["dense dW_dec GEMM"] = timer(lambda: dense_matmul(enc_dense["f"].t(), g_op, block_n=bk.mm_n, **mm))
+    return {"B": batch, "d": d, "W": width, "target_l0": l0, "ms": ms}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, interpreter: checks the script")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--only", type=int, default=None, help="index into the shape list")
+    ap.add_argument("--skip-shapes", action="store_true", help="no per-shape comparison (with --breakdown)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time each stage and encoder tile shapes at d=2304, W=16384, L0=80")
     ap.add_argument("--out", default="bench_out/kernels.json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() and not args.smoke:
@@ -234,6 +308,8 @@ def main(argv=None) -> int:
     batch, shapes = (SMOKE_B, SMOKE_SHAPES) if args.smoke else (B, SHAPES)
     if args.only is not None:
         shapes = [shapes[args.only]]
+    if args.skip_shapes:
+        shapes = []
     timer = Timer(device, args.quick or args.smoke)
     import triton
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -251,9 +327,15 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    stages = None
+    if args.breakdown:
+        shape = (SMOKE_B, 24, 96, 6) if args.smoke else (B, 2304, 16384, 80)
+        stages = breakdown(*shape, device, timer, args.smoke)
+        print(json.dumps(stages), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": rows, "targets": TARGETS}, indent=2))
+    out.write_text(json.dumps({"meta": meta, "results": rows, "targets": TARGETS,
+                               "breakdown": stages}, indent=2))
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}"
           + (f"  copy {ceilings['copy_GBps']:.0f} GB/s" if ceilings.get("copy_GBps") else ""))
     hdr = (f"{'d':>5} {'W':>7} {'L0':>6} | {'fused':>8} {'sparse':>8} {'dense':>8} {'eager':>8} "
@@ -269,6 +351,10 @@ def main(argv=None) -> int:
               f"{fmt(t['step_fused'])} {fmt(t['step_eager'])} | {fmt(m['fused_auto'], 7, 0)} {fmt(m['eager'], 7, 0)}")
     print(f"(times in ms, medians; targets at d=2304 W=16384 L0~80: >= {TARGETS['vs_eager']}x eager, "
           f">= {TARGETS['vs_compile']}x compile, <= {TARGETS['vs_floor']}x floor; wrote {out})")
+    if stages:
+        print(f"\nstages at B={stages['B']} d={stages['d']} W={stages['W']} L0~{stages['target_l0']} (ms):")
+        for name, v in stages["ms"].items():
+            print(f"  {name:<44} {v:>9.4f}" if isinstance(v, float) else f"  {name:<44} {v}")
     return 0
 
 
