@@ -202,5 +202,5 @@ def test_cache_without_statistics_estimates_them(tmp_path, capsys):
     assert "no mean_squared_norm attribute; estimated" in capsys.readouterr().out
     meta = json.loads((tmp_path / "r" / "sae.json").read_text())
     rows = x.reshape(-1, 16, 8)[:, 1:].reshape(-1, 8).astype(np.float64)   # non-BOS rows
-    # a sample of 16 of the 23 complete chunks (the exact estimator is checked in test_train_cache.py)
+    # a sample of 16 of the 24 chunks (the exact estimator is checked in test_train_cache.py)
     assert meta["normalisation"]["mean_squared_norm"] == pytest.approx((rows ** 2).sum(1).mean(), rel=0.1)

@@ -23,7 +23,7 @@ from . import config  # noqa: F401
 from .cache_reader import open_activations
 from .loader import ChunkLoader
 from .loop import MemberSpec, train_members
-from .sweep import member_configs
+from .members import member_configs
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 

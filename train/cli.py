@@ -7,12 +7,12 @@ from pathlib import Path
 
 from .cache_reader import CacheError
 from .loop import MemberSpec, TrainingDiverged, train_members
+from .members import member_configs
 
 
 def run_training(cfg, single: bool):
     import kernels
     kernels.require_ours()
-    from .sweep import member_configs
     members = member_configs(cfg)
     run_dir = Path(cfg.run_dir)
     if single and len(members) != 1:

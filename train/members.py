@@ -1,0 +1,66 @@
+"""The members of a sweep: `sweep.grid` (a nested dict of lists: their product) crossed with
+`sweep.members` (a list of override dicts; `preset: <name>` starts from conf/sae/<name>.yaml and
+`name:` names the member). A single run is a sweep of one member: the base config."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _leaves(tree, prefix=()):
+    """{sae: {sparsity_coeff: [..]}} -> [(("sae", "sparsity_coeff"), [..])]"""
+    out = []
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out += _leaves(v, prefix + (k,))
+        else:
+            if not isinstance(v, list):
+                raise ValueError(f"sweep.grid.{'.'.join(prefix + (k,))} must be a list of values, got {v!r}")
+            out.append((prefix + (k,), v))
+    return out
+
+
+def _label(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def member_configs(cfg) -> list[tuple[str, object]]:
+    """[(name, member cfg with sections sae, optim, train)] for every member of the sweep, in order."""
+    grid = _leaves(OmegaConf.to_container(cfg.sweep.grid))
+    for path, _ in grid:
+        if path[0] not in ("sae", "optim") or len(path) != 2:
+            raise ValueError(f"sweep.grid.{'.'.join(path)}: grid keys are sae.<field> or optim.<field>")
+    explicit = OmegaConf.to_container(cfg.sweep.members) or [{}]
+    base = OmegaConf.masked_copy(cfg, ["sae", "optim", "train"])
+    members = []
+    for over in explicit:
+        over = dict(over)
+        preset = over.pop("preset", None)
+        unknown = set(over) - {"sae", "optim", "name"}
+        if unknown:
+            raise ValueError(f"sweep.members entry {over}: unknown keys {sorted(unknown)} (use preset, sae, optim, name)")
+        for values in itertools.product(*[v for _, v in grid]):
+            m = base.copy()
+            if preset is not None:
+                path = CONF / "sae" / f"{preset}.yaml"
+                if not path.exists():
+                    raise ValueError(f"sweep preset {preset!r}: no {path}")
+                preset_cfg = OmegaConf.load(path)
+                preset_cfg.pop("defaults", None)
+                m.sae = OmegaConf.merge(m.sae, preset_cfg)   # preset fields replace the base ones
+            m = OmegaConf.merge(m, {k: v for k, v in over.items() if k != "name"})
+            parts = [over["name"]] if "name" in over else ([preset] if preset else [])
+            for (section, key), value in zip([p for p, _ in grid], values):
+                OmegaConf.update(m, f"{section}.{key}", value, merge=False)
+                parts.append(f"{key}={_label(value)}")
+            if not parts:
+                parts = [m.sae.architecture]
+            members.append(("_".join(parts), m))
+    names = [n for n, _ in members]
+    if len(set(names)) != len(names):
+        members = [(f"{i:02d}_{n}", m) for i, (n, m) in enumerate(members)]
+    return members
