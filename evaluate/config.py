@@ -5,7 +5,7 @@ Registered in Hydra's ConfigStore so that a misspelt key or a wrong type fails b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 from typing import Callable, ContextManager, Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import EvalInputError
