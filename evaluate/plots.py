@@ -167,6 +167,9 @@ def training_curves(runs: list[tuple[dict, Path]], path: Path,
 def draw_all(reports: list[dict], metrics_files: list[Optional[Path]], folder: Path, title: str,
              bins_per_decade: int = 10) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
+    order = sorted(range(len(reports)), key=lambda i: (reports[i]["label"], -reports[i]["reconstruction"]["l0"]))
+    reports = [reports[i] for i in order]
+    metrics_files = [metrics_files[i] for i in order]
     out = [
         frontier(reports, "delta_ce", folder / "frontier_l0_delta_lm_loss.png", f"{title}: L0 vs delta LM loss"),
         frontier(reports, "fvu", folder / "frontier_l0_fvu.png", f"{title}: L0 vs FVU"),
