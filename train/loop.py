@@ -16,7 +16,7 @@ from tqdm import tqdm
 import kernels
 
 from .cache_reader import (HELDOUT_RULE, CacheError, complete_heldout_sequences, heldout_sequences,
-                           open_activations)
+                           open_activations, open_cache)
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_states
 from .loader import ChunkLoader
 from .member import Member
@@ -176,22 +176,8 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
         print(f"[train] stopped after {t.max_steps_this_run} steps at step {step}; rerun the same command to resume")
         return None
 
-    meta_common = {
-        "model": _group_attr(cfg.cache, "model"),
-        "layer": int(cfg.layer), "sublayer": cfg.sublayer, "cache": str(Path(cfg.cache).resolve()),
-        "cache_array": source.name,
-        "normalisation": {"scale": scale, "mean_squared_norm": msn,
-                          "rule": "trained on x / scale (E||x||^2 = 1); stored tensors are in raw units"},
-        "heldout": {"fraction": cfg.loader.heldout_fraction, "seed": cfg.loader.heldout_seed,
-                    "n_sequences": source.n_sequences, "count": int(len(held)), "rule": HELDOUT_RULE,
-                    "function": "train.cache_reader.heldout_sequences_of_cache(cache, sae_json['heldout'])",
-                    "complete_count": int(len(complete_heldout_sequences(source, {
-                        "fraction": cfg.loader.heldout_fraction, "seed": cfg.loader.heldout_seed})))},
-        "training": {"steps": total_steps, "tokens": total_steps * batch, "batch_size": batch,
-                     "epochs": epochs, "complete_chunks_used": len(chunks), "n_chunks": source.n_chunks,
-                     "kernel_backend": cfg.kernel_backend, "device": str(device)},
-        **(extra_meta or {}),
-    }
+    meta_common = {**run_metadata(cfg, source, scale, msn, held, len(chunks), total_steps, epochs, device),
+                   **(extra_meta or {})}
     final = {}
     for m, s in zip(members, specs):
         final[m.name] = metrics.get(m.name, {})
@@ -206,6 +192,20 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
     return final
 
 
-def _group_attr(cache, key):
-    import zarr
-    return zarr.open_group(str(cache), mode="r").attrs.get(key)
+def run_metadata(cfg, source, scale, msn, held, n_chunks_used, total_steps, epochs, device) -> dict:
+    """What sae.json records about the data and the run, beyond the SAE itself (shared/DESIGN.md)."""
+    heldout = {"fraction": cfg.loader.heldout_fraction, "seed": cfg.loader.heldout_seed}
+    batch = cfg.loader.batch_size
+    return {
+        "model": open_cache(cfg.cache).attrs.get("model"),
+        "layer": int(cfg.layer), "sublayer": cfg.sublayer, "cache": str(Path(cfg.cache).resolve()),
+        "cache_array": source.name,
+        "normalisation": {"scale": scale, "mean_squared_norm": msn,
+                          "rule": "trained on x / scale (E||x||^2 = 1); stored tensors are in raw units"},
+        "heldout": {**heldout, "n_sequences": source.n_sequences, "count": int(len(held)), "rule": HELDOUT_RULE,
+                    "function": "train.cache_reader.heldout_sequences_of_cache(cache, sae_json['heldout'])",
+                    "complete_count": int(len(complete_heldout_sequences(source, heldout)))},
+        "training": {"steps": total_steps, "tokens": total_steps * batch, "batch_size": batch, "epochs": epochs,
+                     "complete_chunks_used": n_chunks_used, "n_chunks": source.n_chunks,
+                     "kernel_backend": cfg.kernel_backend, "device": str(device)},
+    }
