@@ -49,7 +49,7 @@ def _variants():
         gather = dict(num_warps=bk.gather_warps)
         out.append((f"sparse_decode {op}", sparse_decode.sparse_decode_kernel, sig,
                     dict(N_SEG=5, BLOCK_E=bk.entries, BLOCK_D=bk.feat), gather))
-        sig = dict(list_idx_ptr="*i32", list_cnt_ptr="*i32", g_ptr="*fp32", w_dec_ptr=f"*{op}",
+        sig = dict(list_idx_ptr="*i32", list_cnt_ptr="*i32", g_ptr=f"*{op}", w_dec_ptr=f"*{op}",
                    list_df_ptr="*fp32", D=i32, list_row_stride=i32, seg_width=i32,
                    stride_gb=i32, stride_gd=i32, stride_wn=i32, stride_wd=i32)
         out.append((f"entry_grad {op}", entry_grad.entry_grad_kernel, sig,
@@ -57,7 +57,7 @@ def _variants():
         for weights in (True, False):
             sig = dict(latent_src_ptr="*i32", col_ptr_ptr="*i32", col_tot_ptr="*i32",
                        list_pre_ptr="*fp32", list_df_ptr="*fp32", theta_ptr="*fp32",
-                       c0_ptr="*fp32", x_ptr=f"*{op}", g_ptr="*fp32", dw_enc_t_ptr="*fp32",
+                       c0_ptr="*fp32", x_ptr=f"*{op}", g_ptr=f"*{op}", dw_enc_t_ptr="*fp32",
                        dw_dec_ptr="*fp32", db_enc_ptr="*fp32", dtheta_ptr="*fp32", D=i32,
                        list_row_stride=i32, half_bandwidth=f32, inv_bandwidth=f32,
                        stride_xb=i32, stride_xd=i32, stride_gb=i32, stride_gd=i32)

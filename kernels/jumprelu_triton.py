@@ -22,9 +22,9 @@ own autotuner does). Same inputs, same bits: no atomics anywhere.
 Matmul precision: "bf16" (default on CUDA: bf16 operands, fp32 accumulation), "fp16", "tf32", or
 "fp32" (IEEE; the default off CUDA, i.e. under TRITON_INTERPRET=1). Set it with
 `set_matmul_precision`, the environment variable JUMPSCOPE_MATMUL_PRECISION, or the keyword
-argument. Parameters stay in their own dtype (fp32 master weights); gradients come back in it. On
-the dense path the operands of the backward GEMMs (g, dpre) are rounded to the operand precision
-too; on the sparse path they stay fp32.
+argument. Parameters stay in their own dtype (fp32 master weights); gradients come back in it.
+g, the operand of every backward product, is rounded to the operand precision (and, on the dense
+path, f and dpre too, as operands of its GEMMs).
 """
 from __future__ import annotations
 
@@ -186,18 +186,20 @@ def _backward(st, g_loss, g_mse, g_l0, g_xhat):
     g = ((g_loss + g_mse) * (2.0 / B)) * (x_hat.float() - x.float())
     if g_xhat is not None:
         g = g + g_xhat.float()
-    g = g.contiguous()
+    # g is an operand of every backward product: rounded to the operand dtype like x and W_dec
+    # (fp32 accumulation throughout). In bf16 this also cuts the bytes the per-latent gathers move.
+    g_op = g.to(st["op_dtype"]).contiguous()
     c0 = ((g_loss * st["lam"] + g_l0) / B).reshape(1)
     latent_src, col_ptr, col_tot = latent_transpose(enc, W, block_e=blocks.entries,
                                                     num_warps=blocks.gather_warps, alloc=_alloc)
     # The ranks are dead once the per-latent lists exist: df takes their memory (the lists have
     # room for every latent, so each of their slots costs memory on B x W).
-    list_df = entry_grad(enc, g, st["w_dec_op"], block_e=blocks.entries, block_d=blocks.feat,
+    list_df = entry_grad(enc, g_op, st["w_dec_op"], block_e=blocks.entries, block_d=blocks.feat,
                          num_warps=blocks.gather_warps, out=enc["list_rank"].view(torch.float32),
                          alloc=_alloc)
     dense = st["dense"]
     dw_enc_t, dw_dec, db_enc, dtheta = latent_grads(
-        latent_src, col_ptr, col_tot, enc, list_df, st["theta"], c0, st["x_op"], g,
+        latent_src, col_ptr, col_tot, enc, list_df, st["theta"], c0, st["x_op"], g_op,
         st["bandwidth"], block_t=blocks.tokens, block_d=blocks.feat,
         num_warps=blocks.gather_warps, weight_grads=not dense, alloc=_alloc)
     if dense:
@@ -205,7 +207,6 @@ def _backward(st, g_loss, g_mse, g_l0, g_xhat):
                   group_m=blocks.mm_group, input_precision=st["input_precision"],
                   num_warps=blocks.mm_warps, num_stages=blocks.mm_stages, alloc=_alloc)
         f = enc["f"]
-        g_op = g.to(st["op_dtype"])
         dpre, db_part = dense_matmul(g_op, st["w_dec_op"].t(), out_dtype=st["op_dtype"],
                                      epilogue=EPILOGUE_MASK, mask=f,
                                      **{**mm, "block_n": blocks.mm_epi_n})
