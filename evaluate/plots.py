@@ -101,16 +101,19 @@ def firing_histograms(reports: list[dict], path: Path, bins_per_decade: int = 10
 
 def error_by_position(reports: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    seen = set()
     for i, r in enumerate(reports):
         y = np.array([np.nan if v is None else v for v in r["fvu_by_position"]], dtype=float)
-        ax.plot(np.arange(len(y)), y, color=_colour(r["label"], i), alpha=0.8, lw=1,
-                label=f"{r['label']} {r['sparsity']}" if len(reports) <= 12 else None)
+        # Few SAEs: one legend entry each; many: one per architecture (the colours).
+        label = f"{r['label']} {r['sparsity']}" if len(reports) <= 12 else (
+            None if r["label"] in seen else r["label"])
+        seen.add(r["label"])
+        ax.plot(np.arange(len(y)), y, color=_colour(r["label"], i), alpha=0.8, lw=1, label=label)
     ax.set_xlabel("position in context (0 = BOS, excluded)")
-    ax.set_ylabel("FVU at this position")
-    ax.set_title("reconstruction error by position (held-out)", fontsize=10)
+    ax.set_ylabel("squared error / mean variance per token")
+    ax.set_title("reconstruction error by position (held-out; its mean over tokens is the FVU)", fontsize=9)
     ax.grid(True, alpha=0.3)
-    if len(reports) <= 12:
-        ax.legend(fontsize=7)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -24,7 +24,10 @@ class ReconstructionMetrics:
     dense_threshold: float
     firing_frequency: List[float]   # per latent
     mse_by_position: List[Optional[float]]   # per context position (None where only BOS)
-    fvu_by_position: List[Optional[float]]   # squared error over total variance, per position
+    # Mean squared error at each position over the mean variance per token of all positions, so that
+    # positions compare on one scale (and their token-weighted mean is the FVU); a per-position
+    # variance would need many sequences to be stable.
+    fvu_by_position: List[Optional[float]]
 
     def summary(self) -> Dict[str, float]:
         """The scalar metrics (what a table row shows)."""
@@ -45,8 +48,6 @@ class ReconstructionAccumulator:
         self.active = torch.zeros(d_sae, **f64)
         self.n_pos = torch.zeros(context_length, **f64)
         self.sq_err_pos = torch.zeros(context_length, **f64)
-        self.sum_x_pos: Optional[torch.Tensor] = None
-        self.sq_norm_pos = torch.zeros(context_length, **f64)
 
     @torch.no_grad()
     def update(self, sae: torch.nn.Module, x: torch.Tensor, keep: torch.Tensor) -> None:
@@ -64,7 +65,6 @@ class ReconstructionAccumulator:
         xs = flat.double() * keep64[:, None]
         if self.sum_x is None:
             self.sum_x = torch.zeros(d, dtype=torch.float64)
-            self.sum_x_pos = torch.zeros(T, d, dtype=torch.float64)
         self.n += int(keep_flat.sum())
         self.sq_err += err.sum().cpu()
         self.sq_norm += sq_norm.sum().cpu()
@@ -72,17 +72,14 @@ class ReconstructionAccumulator:
         self.active += ((f != 0) & keep_flat[:, None]).sum(0, dtype=torch.float64).cpu()
         self.n_pos += keep64.view(n_seq, T).sum(0).cpu()
         self.sq_err_pos += err.view(n_seq, T).sum(0).cpu()
-        self.sq_norm_pos += sq_norm.view(n_seq, T).sum(0).cpu()
-        self.sum_x_pos += xs.view(n_seq, T, d).sum(0).cpu()
 
     def result(self) -> ReconstructionMetrics:
         if self.n == 0:
             raise ValueError("no held-out non-BOS tokens to evaluate on")
         n = self.n
         total_var = self.sq_norm - self.sum_x.pow(2).sum() / n
+        var_per_token = total_var / n
         freq = self.active / n
-        with torch.no_grad():
-            var_pos = self.sq_norm_pos - self.sum_x_pos.pow(2).sum(-1) / self.n_pos.clamp_min(1)
         mse_pos: List[Optional[float]] = []
         fvu_pos: List[Optional[float]] = []
         for t in range(self.T):
@@ -90,8 +87,9 @@ class ReconstructionAccumulator:
                 mse_pos.append(None)
                 fvu_pos.append(None)
                 continue
-            mse_pos.append(float(self.sq_err_pos[t] / self.n_pos[t]))
-            fvu_pos.append(float(self.sq_err_pos[t] / var_pos[t]) if var_pos[t] > 0 else None)
+            mse_t = self.sq_err_pos[t] / self.n_pos[t]
+            mse_pos.append(float(mse_t))
+            fvu_pos.append(float(mse_t / var_per_token) if var_per_token > 0 else None)
         return ReconstructionMetrics(
             n_tokens=n,
             mse=float(self.sq_err / n),

@@ -65,7 +65,8 @@ def _oracle(sae, x_all):
     freq = (f != 0).mean(0)
     return {"mse": err.mean(), "fvu": err.sum() / ((flat - flat.mean(0)) ** 2).sum(),
             "l0": (f != 0).sum(-1).mean(), "freq": freq, "dead": (freq == 0).mean(),
-            "mse_by_position": err.mean(0), "n_tokens": flat.shape[0]}
+            "mse_by_position": err.mean(0), "n_tokens": flat.shape[0],
+            "var_per_token": ((flat - flat.mean(0)) ** 2).sum() / flat.shape[0]}
 
 
 def test_run_folder_metrics_match_direct_computation(synthetic):
@@ -84,6 +85,9 @@ def test_run_folder_metrics_match_direct_computation(synthetic):
     np.testing.assert_allclose(report["firing_frequency"], oracle["freq"], rtol=1e-12)
     assert report["mse_by_position"][0] is None
     np.testing.assert_allclose(report["mse_by_position"][1:], oracle["mse_by_position"], rtol=1e-5)
+    np.testing.assert_allclose(report["fvu_by_position"][1:], oracle["mse_by_position"] / oracle["var_per_token"],
+                               rtol=1e-5)
+    assert np.mean(report["fvu_by_position"][1:]) == pytest.approx(rec["fvu"], rel=1e-5)
     assert "skipped" in report["delta_lm"]       # a synthetic cache records no model
     assert {p.name for p in out["plots"]} >= {"frontier_l0_fvu.png", "firing_frequency.png"}
 
