@@ -117,7 +117,9 @@ def test_sweep_members_equal_single_runs_and_read_the_cache_once(cache, tmp_path
     single_reads, reads["n"] = reads["n"], 0
     final = run_training(make_cfg(cache, tmp_path / "sweep", "sweep.grid.sae.sparsity_coeff=[0.001,0.02,0.1]",
                                   sweep=True), single=False)
-    assert reads["n"] == single_reads                         # K=3 members, one read of each chunk
+    # K=3 members, one read of the cache: the same chunks as one run, give or take the background
+    # read-ahead at the moment training ends (up to two windows of 2 chunks)
+    assert abs(reads["n"] - single_reads) <= 4 and reads["n"] < 1.5 * single_reads, (reads["n"], single_reads)
     assert sorted(final) == ["sparsity_coeff=0.001", "sparsity_coeff=0.02", "sparsity_coeff=0.1"]
     member = tmp_path / "sweep" / "sparsity_coeff=0.02"
     assert weights_bytes(member) == weights_bytes(tmp_path / "single")

@@ -41,7 +41,7 @@ class OptimConfig:
 @dataclass
 class LoaderConfig:
     batch_size: int = 4096                # tokens per step
-    buffer_tokens: int = 1048576          # shuffle buffer (tokens); memory is about twice this (prefetch)
+    buffer_tokens: int = 1048576          # shuffle buffer (tokens); host memory: two such windows (read-ahead)
     num_readers: int = 4                  # chunk reader threads
     seed: int = 0                         # chunk order and shuffling; a new order each epoch
     heldout_fraction: float = 0.01        # of sequences, never served for training (evaluation's)

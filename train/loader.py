@@ -172,10 +172,10 @@ class ChunkLoader:
                     finished.append(windows.pop((epoch, w)))
                     epoch, w, off = *self._advance(epoch, w), 0
                     current = window(epoch, w)
-                    window(*self._advance(epoch, w))
             yield parts, (epoch, w, off)
             for win in finished:             # its buffer may be refilled once this batch is gathered
                 win.release()
+            window(*self._advance(epoch, w))     # read ahead into it: two window buffers in all
 
     # -- serving batches -------------------------------------------------------------------------
     # CPU: a producer thread gathers batches from the host window while the step runs.
