@@ -133,7 +133,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def training_curves(runs: list[tuple[dict, Path]], path: Path,
-                    keys: tuple[str, ...] = ("loss", "mse", "l0", "dead", "dense", "lr")) -> Optional[Path]:
+                    keys: tuple[str, ...] = ("loss", "fvu", "l0", "dead", "dense", "sparsity_coeff")) -> Optional[Path]:
     """Logged training metrics against step, one panel per metric, one line per run."""
     logs = [(r, read_metrics(f)) for r, f in runs if f is not None]
     logs = [(r, rows) for r, rows in logs if rows]
@@ -146,21 +146,23 @@ def training_curves(runs: list[tuple[dict, Path]], path: Path,
     nrows = math.ceil(len(present) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, present):
+        seen = set()
         for i, (r, rows) in enumerate(logs):
             pts = [(row.get("step", j), row[key]) for j, row in enumerate(rows) if _finite(row.get(key))]
+            label = f"{r['label']} {r['sparsity']}" if len(logs) <= 12 else (
+                None if r["label"] in seen else r["label"])
+            seen.add(r["label"])
             if pts:
-                ax.plot(*zip(*pts), color=_colour(r["label"], i), lw=1, alpha=0.8,
-                        label=f"{r['label']} {r['sparsity']}")
+                ax.plot(*zip(*pts), color=_colour(r["label"], i), lw=1, alpha=0.8, label=label)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-        if key in ("loss", "mse") and all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
+        if key in ("loss", "mse", "fvu") and all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
     for ax in list(axes.flat)[len(present):]:
         ax.axis("off")
-    if len(logs) <= 12:
-        axes[0][0].legend(fontsize=6)
+    axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
