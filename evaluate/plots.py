@@ -132,8 +132,11 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+TRAINING_KEYS = ("loss", "fvu", "l0", "dead", "dense", "sparsity_coeff")
+
+
 def training_curves(runs: list[tuple[dict, Path]], path: Path,
-                    keys: tuple[str, ...] = ("loss", "fvu", "l0", "dead", "dense", "sparsity_coeff")) -> Optional[Path]:
+                    keys: tuple[str, ...] = TRAINING_KEYS) -> Optional[Path]:
     """Logged training metrics against step, one panel per metric, one line per run."""
     logs = [(r, read_metrics(f)) for r, f in runs if f is not None]
     logs = [(r, rows) for r, rows in logs if rows]
