@@ -172,6 +172,13 @@ def test_config_typos_fail_at_composition(cache, tmp_path):
     with pytest.raises(ConfigCompositionException):
         make_cfg(cache, tmp_path / "r", "loader.batch_size=many")
     assert not (tmp_path / "r").exists()
+    # inside sweep members too, before the cache is opened
+    for members, error in (("[{preset:relu,sae:{sparsity_cof:1}}]", Exception), ("[{preset:relux}]", ValueError),
+                           ("[{presett:relu}]", ValueError)):
+        cfg = make_cfg(tmp_path / "no_cache", tmp_path / "r", f"sweep.members={members}", sweep=True)
+        with pytest.raises(error, match="sparsity_cof|relux|presett"):
+            run_training(cfg, single=False)
+    assert not (tmp_path / "r").exists()
 
 
 def test_cli_runs_and_rejects_missing_layer(cache, tmp_path):
