@@ -22,12 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("tiny") / "cache"
-    harvest_inprocess(cache, [f"layers={LAYER}", f"sublayers={SUBLAYER}"])
+    harvest_inprocess(cache, [f"layers='{LAYER - 1},{LAYER}'", "sublayers=all"])
     return cache
 
 
-def _run(folder, sae, cache):
-    save_sae(folder, sae, {"model": "embedded:tiny", "layer": LAYER, "sublayer": SUBLAYER, "cache": str(cache),
+def _run(folder, sae, cache, sublayer=SUBLAYER):
+    save_sae(folder, sae, {"model": "embedded:tiny", "layer": LAYER, "sublayer": sublayer, "cache": str(cache),
                            "heldout": {"fraction": 0.25, "seed": 0}})
     return folder
 
@@ -84,3 +84,14 @@ def test_ablation_command_on_the_tiny_model(tiny_cache, tmp_path):
     assert len(rows) == 10 and len((folder / "table.csv").read_text().splitlines()) == 11
     assert all(math.isfinite(r["delta_ce"]) and math.isfinite(r["kl_spliced"]) for r in rows)
     assert "delta_ce" in {c["metric"] for c in json.loads((folder / "ablation.json").read_text())["comparisons"]}
+
+
+@pytest.mark.parametrize("sublayer", ["resid_pre", "attn_z", "attn_out", "resid_mid", "resid_post"])
+def test_every_site_splices_back_losslessly(tiny_cache, tmp_path, sublayer):
+    """A perfect reconstruction at any site (resid_pre read from layer L-1's resid_post) changes nothing."""
+    out = run_evaluation(EvalConfig(run=str(_run(tmp_path / sublayer, _identity_like(64), tiny_cache, sublayer)),
+                                    progress=False, delta_lm_sequences=4, plots=False))
+    report = out["reports"][0]
+    assert report["reconstruction"]["fvu"] < 1e-10
+    assert abs(report["delta_lm"]["delta_ce"]) < 1e-5 and report["delta_lm"]["kl_spliced"] < 1e-6
+    assert report["delta_lm"]["kl_zero"] > 1e-6          # and zeroing the site does change the output
