@@ -41,7 +41,7 @@ class OptimConfig:
 @dataclass
 class LoaderConfig:
     batch_size: int = 4096                # tokens per step
-    buffer_tokens: int = 1048576          # shuffle buffer (tokens); host memory: two such windows (read-ahead)
+    buffer_tokens: float = 1048576        # shuffle buffer (tokens); host memory: two such windows (read-ahead)
     num_readers: int = 4                  # chunk reader threads
     seed: int = 0                         # chunk order and shuffling; a new order each epoch
     heldout_fraction: float = 0.01        # of sequences, never served for training (evaluation's)
@@ -51,14 +51,14 @@ class LoaderConfig:
 
 @dataclass
 class LoopConfig:
-    total_tokens: int = 4_000_000_000     # Gemma Scope's budget for 16k-wide SAEs
+    total_tokens: float = 4e9             # Gemma Scope's budget for 16k-wide SAEs (float: 1e8 works)
     seed: int = 0                         # parameter initialisation
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     checkpoint_every_steps: int = 5000    # 0: only at the end
     max_steps_this_run: int = 0           # stop (with a checkpoint) after this many steps; rerun to resume
     resume: bool = True                   # continue from RUN's checkpoint when there is one
     log_every_steps: int = 100
-    dead_window_tokens: int = 10_000_000  # a latent is dead with no activation in this many tokens
+    dead_window_tokens: float = 1e7       # a latent is dead with no activation in this many tokens
     dense_fraction: float = 0.1           # ...dense when active on more than this fraction of them
     latent_stats_every: int = 1           # steps between dead/dense updates (free with the kernels' firing counts)
     tensorboard: bool = True

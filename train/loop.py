@@ -97,7 +97,7 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
                          cfg.loader.num_readers, device)
     epochs = total_steps * batch / loader.rows_per_epoch
     if epochs > 1 and not ckpt:
-        print(f"[train] {t.total_tokens:,} tokens is {epochs:.2f} epochs of the {loader.rows_per_epoch:,} "
+        print(f"[train] {int(t.total_tokens):,} tokens is {epochs:.2f} epochs of the {loader.rows_per_epoch:,} "
               "training tokens in the cache")
 
     members = [Member(s.name, s.folder, s.cfg, source.width, total_steps, device, cfg.kernel_backend) for s in specs]
