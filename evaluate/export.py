@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ExportConfig, register_configs
 from .errors import EvalInputError, clear_errors
 from .gemmascope import params_from_sae, write_params
+from .labels import architecture_label, sparsity_setting
 from .saelens import write_saelens
 from .sources import PARAMS_FILE, PROVENANCE_FILE, RunError, load_run_folder
 
@@ -82,7 +83,8 @@ def export(cfg: ExportConfig) -> Path:
                   "cache": target.cache, "heldout": target.heldout, "architecture": target.meta.get("architecture"),
                   "context_length": facts.get("context_length"), "dataset": dataset, "run": str(run),
                   "normalisation": target.meta.get("normalisation") or target.meta.get("normalisation_constant"),
-                  "hyperparameters": target.meta.get("hyperparameters")}
+                  "hyperparameters": target.meta.get("hyperparameters"),
+                  "label": architecture_label(target.meta), "sparsity": sparsity_setting(target.meta)}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -12,6 +12,7 @@ import torch
 
 from .errors import EvalInputError
 from .gemmascope import load_params_npz
+from .labels import architecture_label
 
 PARAMS_FILE = "params.npz"
 PROVENANCE_FILE = "provenance.json"     # written beside an exported params.npz
@@ -80,7 +81,11 @@ def load_params(path: Path, cfg, device: str = "cpu") -> EvalTarget:
     sae = load_params_npz(path).to(device).eval()
     provenance_file = path.parent / PROVENANCE_FILE
     meta = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
-    meta = {**meta, "architecture": "jumprelu", "d_in": sae.d_in, "d_sae": sae.d_sae, "source": "params.npz"}
+    # Our export keeps its architecture label (a ReLU SAE is a JumpReLU at threshold 0); a file
+    # without provenance is a release, labelled apart from what we trained.
+    label = architecture_label(meta) if meta.get("architecture") else "gemma-scope"
+    meta = {**meta, "architecture": "jumprelu", "label": label, "d_in": sae.d_in, "d_sae": sae.d_sae,
+            "source": "params.npz"}
     layer, sublayer, cache = _site(meta, cfg, f"params file {str(path)!r}")
     # A released SAE never saw our cache; the trainer's default held-out rule puts it on the same
     # sequences as the SAEs we train, so the two can be compared side by side.

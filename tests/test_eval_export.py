@@ -182,3 +182,15 @@ def test_saelens_attn_z_export_takes_transformerlens_head_shaped_inputs(tmp_path
         f = theirs.encode(heads)
         torch.testing.assert_close(f, ours.encode(heads.flatten(1)), rtol=0, atol=0)
         torch.testing.assert_close(theirs.decode(f), ours(heads.flatten(1)).view_as(heads), rtol=0, atol=0)
+
+
+def test_params_npz_keeps_our_label_and_a_release_gets_its_own(run_of, tmp_path):
+    run, _ = run_of("relu")
+    out = _export(run, "gemmascope", tmp_path / "gs")
+    ours = run_evaluation(EvalConfig(run=str(out), progress=False, plots=False, delta_lm_sequences=0))
+    assert ours["reports"][0]["label"] == "relu+l1"
+    (out / "provenance.json").unlink()
+    cache = json.loads((run / "sae.json").read_text())["cache"]
+    released = run_evaluation(EvalConfig(run=str(out), cache=cache, layer=3, sublayer="mlp_out", heldout_fraction=0.25,
+                                         progress=False, plots=False, delta_lm_sequences=0))
+    assert released["reports"][0]["label"] == "gemma-scope"
