@@ -15,6 +15,9 @@ from omegaconf import MISSING
 class EvalConfig:
     # A run folder, a sweep folder (one run folder per member), or a Gemma Scope params.npz.
     run: str = MISSING
+    # More SAEs to put beside `run` in one report (table and plots), e.g. released Gemma Scope
+    # params.npz files: evaluated on run's cache, site and held-out sequences unless they record theirs.
+    compare: List[str] = field(default_factory=list)
     # The cache to evaluate on; default: the one recorded in the SAE's sae.json (required for params.npz).
     cache: Optional[str] = None
     # The site, for a params.npz (a run folder records its own; given here, they must agree).

@@ -2,6 +2,7 @@
 report.json per SAE plus (for several SAEs) table.md / table.csv and the plots into the report folder."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -12,6 +13,31 @@ from .evaluation import evaluate_targets
 from .features import feature_recovery, load_features
 from .report import build_report, write_json, write_table
 from .sources import EvalTarget, resolve
+
+
+def compared_targets(cfg, first: EvalTarget) -> list[EvalTarget]:
+    """The SAEs of cfg.compare, defaulting to the site, cache and held-out sequences of `first`."""
+    out = []
+    for path in cfg.compare:
+        sub = dataclasses.replace(
+            cfg, run=str(path), compare=[],
+            layer=cfg.layer if cfg.layer is not None else first.layer,
+            sublayer=cfg.sublayer if cfg.sublayer is not None else first.sublayer,
+            cache=cfg.cache if cfg.cache is not None else first.cache,
+            heldout_fraction=cfg.heldout_fraction if cfg.heldout_fraction is not None else first.heldout["fraction"],
+            heldout_seed=cfg.heldout_seed if cfg.heldout_seed is not None else first.heldout["seed"])
+        out += resolve(sub, device=cfg.device)[0]
+    return out
+
+
+def _unique_names(targets: list[EvalTarget]) -> None:
+    seen: dict[str, int] = {}
+    for t in targets:
+        if t.name in seen:
+            seen[t.name] += 1
+            t.name = f"{t.name}_{seen[t.name]}"
+        else:
+            seen[t.name] = 0
 
 
 def report_folder(cfg, targets: list[EvalTarget], is_sweep: bool) -> Path:
@@ -28,6 +54,10 @@ def run_evaluation(cfg) -> dict:
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     targets, is_sweep = resolve(cfg, device=cfg.device)
+    if cfg.compare:
+        targets = targets + compared_targets(cfg, targets[0])
+        is_sweep = True
+        _unique_names(targets)
     results = evaluate_targets(targets, cfg)
     if cfg.true_features:
         for t, r in zip(targets, results):

@@ -194,3 +194,17 @@ def test_params_npz_keeps_our_label_and_a_release_gets_its_own(run_of, tmp_path)
     released = run_evaluation(EvalConfig(run=str(out), cache=cache, layer=3, sublayer="mlp_out", heldout_fraction=0.25,
                                          progress=False, plots=False, delta_lm_sequences=0))
     assert released["reports"][0]["label"] == "gemma-scope"
+
+
+def test_a_release_side_by_side_with_our_run(run_of, tmp_path):
+    """compare=[...]: a released params.npz on the run's cache, site and held-out sequences, one table."""
+    run, _ = run_of("jumprelu")
+    out = _export(run, "gemmascope", tmp_path / "gs")
+    (out / "provenance.json").unlink()
+    both = run_evaluation(EvalConfig(run=str(run), compare=[str(out / "params.npz")], out=str(tmp_path / "side"),
+                                     progress=False, delta_lm_sequences=0))
+    ours, released = both["reports"]
+    assert (ours["label"], released["label"]) == ("jumprelu+l0", "gemma-scope")
+    assert released["reconstruction"] == ours["reconstruction"]      # the same SAE, the same tokens
+    assert len((tmp_path / "side" / "table.csv").read_text().splitlines()) == 3
+    assert (tmp_path / "side" / "frontier_l0_fvu.png").is_file()
