@@ -130,7 +130,7 @@ def delta_lm_losses(model: torch.nn.Module, tokens: torch.Tensor, layer: int, su
         targets = batch[:, 1:]
         keep = non_bos_mask(batch, bos_token_id)
 
-        clean = model(input_ids=batch).logits[:, :-1]
+        clean = model(input_ids=batch, use_cache=False).logits[:, :-1]
         ce, _ = _losses(clean, targets, None)
         shared["ce_clean"] += ce
         bar.update(len(batch))
@@ -138,7 +138,7 @@ def delta_lm_losses(model: torch.nn.Module, tokens: torch.Tensor, layer: int, su
                                                            for fn, sums in zip(reconstructions, per_sae)]
         for name, fn, sums in variants:
             with splice(model, layer, sublayer, _replace_non_bos(keep, fn)):
-                logits = model(input_ids=batch).logits[:, :-1]
+                logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
             ce, kl = _losses(logits, targets, clean)
             del logits
             sums[f"ce_{name}"] += ce
