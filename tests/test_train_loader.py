@@ -89,7 +89,7 @@ def test_resume_from_state_equals_uninterrupted(indexed_cache, stop_after):
     first.close()
     resumed, _ = make_loader(indexed_cache, seed=3)
     resumed.load_state_dict(state)
-    rest = [resumed.next_batch() for _ in range(15)]
+    rest = [resumed.next_batch().clone() for _ in range(15)]
     resumed.close()
     for got, want in zip(rest, reference[stop_after:]):
         assert torch.equal(got, want)
@@ -103,7 +103,7 @@ def test_bf16_bits_read_back_losslessly(tmp_path):
     assert chunk.dtype == torch.bfloat16
     np.testing.assert_array_equal(chunk.float().numpy(), stored_as_float(acts, "bfloat16")[32:48])
     loader = ChunkLoader(src, np.flatnonzero(src.complete), [], 16, 64, 0, num_readers=1)
-    batch = loader.next_batch()
+    batch = loader.next_batch().clone()
     loader.close()
     assert batch.dtype == torch.bfloat16
     stored = stored_as_float(acts, "bfloat16")

@@ -183,32 +183,36 @@ class ChunkLoader:
     # batches are gathered there: the host only reads files, and a batch is ready at once.
     def _start(self):
         self._stop = threading.Event()
-        self._ready = queue.Queue()
         self._windows = {}
         if self.device.type == "cuda":
             self._stream = torch.cuda.Stream(self.device)
             self._cuda_plans = self._plans(self._windows)
             return
+        # A ring of batch buffers: fresh 10-100 MB allocations would fault their pages in on every
+        # batch, which costs several times the gather itself. The consumer holds one slot, the
+        # producer fills one, `prefetch_batches` wait ready.
+        shape = (self.batch_size, self.source.width)
+        self._ring = [torch.empty(shape, dtype=self.source.torch_dtype) for _ in range(self._prefetch_batches + 2)]
+        self._ready, self._free = queue.Queue(), queue.Queue()
+        for slot in range(len(self._ring)):
+            self._free.put(slot)
+        self._held = None
         self._thread = threading.Thread(target=self._produce, name="batch-producer", daemon=True)
         self._thread.start()
 
     def _produce(self):
         try:
             for parts, position in self._plans(self._windows):
-                out = torch.empty((self.batch_size, self.source.width), dtype=self.source.torch_dtype)
-                start = 0
+                slot = self._free.get()
+                if slot is None or self._stop.is_set():
+                    return
+                out, start = self._ring[slot], 0
                 for win, lo, hi in parts:
                     win.wait()
                     # rows in buffer order: the same rows, a cheaper gather; order in a batch is irrelevant
                     torch.index_select(win.tensor, 0, win.order[lo:hi].sort().values, out=out[start:start + hi - lo])
                     start += hi - lo
-                while not self._stop.is_set():
-                    if self._ready.qsize() < self._prefetch_batches:
-                        self._ready.put((out, position))
-                        break
-                    self._stop.wait(0.0005)
-                if self._stop.is_set():
-                    return
+                self._ready.put((slot, position))
         except BaseException as e:  # hand the error to the consumer
             self._ready.put((e, None))
 
@@ -229,16 +233,22 @@ class ChunkLoader:
         return out
 
     def next_batch(self) -> torch.Tensor:
-        """The next batch [batch_size, width] in the stored dtype, on the loader's device."""
+        """The next batch [batch_size, width] in the stored dtype, on the loader's device.
+
+        On CPU the tensor is one of a ring of buffers: it stays valid until the next call (clone it
+        to keep it longer)."""
         if self._thread is None and self._cuda_plans is None:
             self._start()
         if self._cuda_plans is not None:
             return self._next_cuda()
-        out, position = self._ready.get()
-        if isinstance(out, BaseException):
-            raise RuntimeError("the chunk loader failed") from out
-        self.position = position
-        return out
+        if self._held is not None:
+            self._free.put(self._held)
+            self._held = None
+        slot, position = self._ready.get()
+        if isinstance(slot, BaseException):
+            raise RuntimeError("the chunk loader failed") from slot
+        self._held, self.position = slot, position
+        return self._ring[slot]
 
     def __iter__(self):
         while True:
@@ -265,6 +275,7 @@ class ChunkLoader:
     def close(self) -> None:
         if self._thread is not None:
             self._stop.set()
+            self._free.put(None)
             self._thread.join(timeout=10)
             self._thread = None
         self._cuda_plans = None

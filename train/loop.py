@@ -140,7 +140,7 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
     try:
         step = start
         while step < total_steps:
-            x = loader.next_batch().to(torch.float32).div_(scale)
+            x = loader.next_batch().to(torch.float32).div_(scale)   # (float32 storage: the loader slot, in place; fine: it is ours until the next call)
             variance = (x - x.mean(0)).pow(2).sum(-1).mean()
             track = step % t.latent_stats_every == 0
             for m in members:
