@@ -276,10 +276,9 @@ def breakdown(batch, d, width, l0, device, timer, smoke):
                                                 num_warps=bk.gather_warps, out=df))
     c0 = torch.ones(1, device=device)
     ms["latent_grads"] = timer(lambda: latent_grads(*latent, enc, df, theta, c0, x_op, g, BANDWIDTH,
-                                                    block_t=bk.tokens, block_d=bk.feat,
+                                                    block_l=bk.latents, block_t=bk.tokens,
+                                                    block_d=bk.feat,
                                                     num_warps=bk.gather_warps))
-    dw_t = torch.randn(width, d, device=device)
-    ms["dW_enc^T -> [d, W] copy (AccumulateGrad)"] = timer(lambda: dw_t.t().contiguous())
     g_op = g.to(op)
     ms["dense dpre GEMM (mask epilogue)"] = timer(lambda: dense_matmul(
         g_op, wd.t(), out_dtype=op, epilogue=EPILOGUE_MASK, mask=enc_dense["f"],

@@ -57,13 +57,14 @@ def _variants():
         for weights in (True, False):
             sig = dict(latent_src_ptr="*i32", col_ptr_ptr="*i32", col_tot_ptr="*i32",
                        list_pre_ptr="*fp32", list_df_ptr="*fp32", theta_ptr="*fp32",
-                       c0_ptr="*fp32", x_ptr=f"*{op}", g_ptr=f"*{op}", dw_enc_t_ptr="*fp32",
-                       dw_dec_ptr="*fp32", db_enc_ptr="*fp32", dtheta_ptr="*fp32", D=i32,
+                       c0_ptr="*fp32", x_ptr=f"*{op}", g_ptr=f"*{op}", dw_enc_ptr="*fp32",
+                       dw_dec_ptr="*fp32", db_enc_ptr="*fp32", dtheta_ptr="*fp32", D=i32, W=i32,
                        list_row_stride=i32, half_bandwidth=f32, inv_bandwidth=f32,
                        stride_xb=i32, stride_xd=i32, stride_gb=i32, stride_gd=i32)
             out.append((f"latent_grads {op}{'' if weights else ' dtheta only'}",
                         latent_grads.latent_grads_kernel, sig,
-                        dict(WEIGHT_GRADS=weights, BLOCK_T=bk.tokens, BLOCK_D=bk.feat), gather))
+                        dict(WEIGHT_GRADS=weights, BLOCK_L=bk.latents, BLOCK_T=bk.tokens,
+                             BLOCK_D=bk.feat), gather))
     sig = dict(list_idx_ptr="*i32", list_rank_ptr="*i32", list_cnt_ptr="*i32",
                col_start_ptr="*i32", latent_src_ptr="*i32", W=i32, list_row_stride=i32,
                seg_width=i32)

@@ -97,6 +97,7 @@ class Blocks:
     entries: int      # list entries per chunk in the gather kernels
     feat: int         # features per program / chunk in the gather kernels
     tokens: int       # tokens per chunk in the per-latent reduction
+    latents: int      # latents per program in the per-latent reduction
     gather_warps: int
     mm_m: int         # dense GEMM tiles (plain epilogue)
     mm_n: int
@@ -113,11 +114,11 @@ class Blocks:
 # at 128x64 none; latent_grads with 32 tokens x 256 features 72 B, with 16 x 128 none.
 # Not yet timed on a GPU.
 CUDA_BLOCKS = Blocks(enc_m=64, enc_n=128, enc_k=64, enc_warps=8, enc_stages=3,
-                     entries=32, feat=128, tokens=16, gather_warps=4,
+                     entries=32, feat=128, tokens=16, latents=16, gather_warps=4,
                      mm_m=128, mm_n=128, mm_k=64, mm_group=8, mm_warps=8, mm_stages=3, mm_epi_n=64)
 # Small blocks so that the CPU tests exercise several tiles, segments and chunks.
 INTERPRETER_BLOCKS = Blocks(enc_m=16, enc_n=16, enc_k=16, enc_warps=4, enc_stages=1,
-                            entries=8, feat=16, tokens=8, gather_warps=4,
+                            entries=8, feat=16, tokens=8, latents=4, gather_warps=4,
                             mm_m=16, mm_n=16, mm_k=16, mm_group=2, mm_warps=4, mm_stages=1,
                             mm_epi_n=16)
 
@@ -198,9 +199,9 @@ def _backward(st, g_loss, g_mse, g_l0, g_xhat):
                          num_warps=blocks.gather_warps, out=enc["list_rank"].view(torch.float32),
                          alloc=_alloc)
     dense = st["dense"]
-    dw_enc_t, dw_dec, db_enc, dtheta = latent_grads(
+    dw_enc, dw_dec, db_enc, dtheta = latent_grads(
         latent_src, col_ptr, col_tot, enc, list_df, st["theta"], c0, st["x_op"], g_op,
-        st["bandwidth"], block_t=blocks.tokens, block_d=blocks.feat,
+        st["bandwidth"], block_l=blocks.latents, block_t=blocks.tokens, block_d=blocks.feat,
         num_warps=blocks.gather_warps, weight_grads=not dense, alloc=_alloc)
     if dense:
         mm = dict(block_m=blocks.mm_m, block_n=blocks.mm_n, block_k=blocks.mm_k,
@@ -213,8 +214,6 @@ def _backward(st, g_loss, g_mse, g_l0, g_xhat):
         db_enc = db_part.sum(0)
         dw_enc = dense_matmul(st["x_op"].t(), dpre, **mm)
         dw_dec = dense_matmul(f.t(), g_op, **mm)
-    else:
-        dw_enc = dw_enc_t.t()
     return dw_enc, db_enc, dtheta, dw_dec, g.sum(0)
 
 

@@ -1,19 +1,21 @@
 """Backward, step 3: every parameter gradient that is a sum over tokens, per latent.
 
-One program owns one latent n and one block of features, walks latent n's token list (built by
-latent_transpose.py, tokens in increasing order) in fixed-size chunks and writes
+One program owns a block of BLOCK_L consecutive latents and one block of features. For each
+latent n in turn it walks n's token list (built by latent_transpose.py, tokens in increasing
+order) in fixed-size chunks and computes
 
-    dW_enc^T[n, :] = sum_b dpre[b, n] x[b, :]      dpre = df * H(pre - theta)   (no STE term)
-    dW_dec[n, :]   = sum_b f[b, n] g[b, :]
-    db_enc[n]      = sum_b dpre[b, n]
-    dtheta[n]      = -(theta_n / eps) sum_{b near} df[b, n]  -  (c0 / eps) #{b near}
+    dW_enc[:, n] = sum_b dpre[b, n] x[b, :]        dpre = df * H(pre - theta)   (no STE term)
+    dW_dec[n, :] = sum_b f[b, n] g[b, :]
+    db_enc[n]    = sum_b dpre[b, n]
+    dtheta[n]    = -(theta_n / eps) sum_{b near} df[b, n]  -  (c0 / eps) #{b near}
 
 with "near" = |pre - theta| < eps/2 (rectangle kernel) and c0 = (dL/dloss * lam + dL/dl0) / B, read
 from device memory so that no host synchronisation is needed. Latents nobody kept get zeros.
 Each output element has one writer and a fixed summation order: same inputs, same bits.
-dW_enc is produced transposed ([W, d]) so that each program writes contiguous rows.
-With WEIGHT_GRADS off (the dense path, whose lists hold only near-threshold entries and whose
-weight gradients come from GEMMs) only dtheta is computed.
+dW_enc is [d, W]: its columns are collected in a [features, BLOCK_L] register tile and stored
+together, so the gradient lands in the parameter's own layout (no transposed copy) with
+BLOCK_L-long contiguous runs. With WEIGHT_GRADS off (the dense path, whose lists hold only
+near-threshold entries and whose weight gradients come from GEMMs) only dtheta is computed.
 """
 from __future__ import annotations
 
@@ -27,78 +29,89 @@ import triton.language as tl
 @triton.jit
 def latent_grads_kernel(
     latent_src_ptr, col_ptr_ptr, col_tot_ptr, list_pre_ptr, list_df_ptr, theta_ptr, c0_ptr,
-    x_ptr, g_ptr, dw_enc_t_ptr, dw_dec_ptr, db_enc_ptr, dtheta_ptr,
-    D, list_row_stride, half_bandwidth, inv_bandwidth,
+    x_ptr, g_ptr, dw_enc_ptr, dw_dec_ptr, db_enc_ptr, dtheta_ptr,
+    D, W, list_row_stride, half_bandwidth, inv_bandwidth,
     stride_xb, stride_xd, stride_gb, stride_gd,
-    WEIGHT_GRADS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    WEIGHT_GRADS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    latent = tl.program_id(0).to(tl.int64)
+    first = tl.program_id(0).to(tl.int64) * BLOCK_L
     pid_d = tl.program_id(1)
     dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dcols < D
     ts = tl.arange(0, BLOCK_T)
-    start = tl.load(col_ptr_ptr + latent).to(tl.int64)
-    n = tl.load(col_tot_ptr + latent)
-    theta = tl.load(theta_ptr + latent).to(tl.float32)
-    acc_enc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    acc_dec = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    sum_dpre = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    sum_near_df = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    n_near = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    for t0 in range(0, n, BLOCK_T):
-        t_ok = (t0 + ts) < n
-        src = tl.load(latent_src_ptr + start + t0 + ts, mask=t_ok, other=0).to(tl.int64)
-        token = src // list_row_stride
-        pre = tl.load(list_pre_ptr + src, mask=t_ok, other=0.0)
-        df = tl.load(list_df_ptr + src, mask=t_ok, other=0.0)
-        active = t_ok & (pre > theta)
-        near = t_ok & (tl.abs(pre - theta) < half_bandwidth)
+    lanes = tl.arange(0, BLOCK_L)
+    c0 = tl.load(c0_ptr).to(tl.float32)
+    enc_tile = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    for j in range(BLOCK_L):
+        latent = first + j
+        ok = latent < W
+        start = tl.load(col_ptr_ptr + latent, mask=ok, other=0).to(tl.int64)
+        n = tl.load(col_tot_ptr + latent, mask=ok, other=0)
+        theta = tl.load(theta_ptr + latent, mask=ok, other=0.0).to(tl.float32)
+        acc_enc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        acc_dec = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        sum_dpre = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        sum_near_df = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        n_near = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for t0 in range(0, n, BLOCK_T):
+            t_ok = (t0 + ts) < n
+            src = tl.load(latent_src_ptr + start + t0 + ts, mask=t_ok, other=0).to(tl.int64)
+            token = src // list_row_stride
+            pre = tl.load(list_pre_ptr + src, mask=t_ok, other=0.0)
+            df = tl.load(list_df_ptr + src, mask=t_ok, other=0.0)
+            active = t_ok & (pre > theta)
+            near = t_ok & (tl.abs(pre - theta) < half_bandwidth)
+            if WEIGHT_GRADS:
+                f = tl.where(active, pre, 0.0)
+                dpre = tl.where(active, df, 0.0)
+                x = tl.load(x_ptr + token[:, None] * stride_xb + dcols[None, :] * stride_xd,
+                            mask=active[:, None] & d_ok[None, :], other=0.0)
+                g = tl.load(g_ptr + token[:, None] * stride_gb + dcols[None, :] * stride_gd,
+                            mask=active[:, None] & d_ok[None, :], other=0.0)
+                acc_enc += tl.sum(dpre[:, None] * x.to(tl.float32), axis=0)
+                acc_dec += tl.sum(f[:, None] * g.to(tl.float32), axis=0)
+                sum_dpre += dpre
+            sum_near_df += tl.where(near, df, 0.0)
+            n_near += near.to(tl.float32)
         if WEIGHT_GRADS:
-            f = tl.where(active, pre, 0.0)
-            dpre = tl.where(active, df, 0.0)
-            x = tl.load(x_ptr + token[:, None] * stride_xb + dcols[None, :] * stride_xd,
-                        mask=active[:, None] & d_ok[None, :], other=0.0)
-            g = tl.load(g_ptr + token[:, None] * stride_gb + dcols[None, :] * stride_gd,
-                        mask=active[:, None] & d_ok[None, :], other=0.0)
-            acc_enc += tl.sum(dpre[:, None] * x.to(tl.float32), axis=0)
-            acc_dec += tl.sum(f[:, None] * g.to(tl.float32), axis=0)
-            sum_dpre += dpre
-        sum_near_df += tl.where(near, df, 0.0)
-        n_near += near.to(tl.float32)
+            enc_tile = tl.where(lanes[None, :] == j, acc_enc[:, None], enc_tile)
+            tl.store(dw_dec_ptr + latent * D + dcols, acc_dec, mask=d_ok & (dcols * 0 + latent < W))
+        if pid_d == 0:
+            if WEIGHT_GRADS:
+                tl.store(db_enc_ptr + latent, tl.sum(sum_dpre, axis=0), mask=ok)
+            dtheta = -(theta * tl.sum(sum_near_df, axis=0) + c0 * tl.sum(n_near, axis=0))
+            tl.store(dtheta_ptr + latent, dtheta * inv_bandwidth, mask=ok)
     if WEIGHT_GRADS:
-        tl.store(dw_enc_t_ptr + latent * D + dcols, acc_enc, mask=d_ok)
-        tl.store(dw_dec_ptr + latent * D + dcols, acc_dec, mask=d_ok)
-    if pid_d == 0:
-        c0 = tl.load(c0_ptr).to(tl.float32)
-        if WEIGHT_GRADS:
-            tl.store(db_enc_ptr + latent, tl.sum(sum_dpre, axis=0))
-        dtheta = -(theta * tl.sum(sum_near_df, axis=0) + c0 * tl.sum(n_near, axis=0)) * inv_bandwidth
-        tl.store(dtheta_ptr + latent, dtheta)
+        latents = first + lanes
+        tl.store(dw_enc_ptr + dcols.to(tl.int64)[:, None] * W + latents[None, :], enc_tile,
+                 mask=d_ok[:, None] & (latents < W)[None, :])
 
 
 def latent_grads(latent_src, col_ptr, col_tot, enc, list_df, theta, c0, x, g, bandwidth, *,
-                 block_t, block_d, num_warps=4, weight_grads=True, alloc=torch.empty):
-    """Returns dW_enc^T [W, d], dW_dec [W, d], db_enc [W], dtheta [W], all float32
+                 block_l, block_t, block_d, num_warps=4, weight_grads=True, alloc=torch.empty):
+    """Returns dW_enc [d, W], dW_dec [W, d], db_enc [W], dtheta [W], all float32
     (only dtheta, the others None, without weight_grads)."""
     W = theta.shape[0]
     B, D = x.shape
     dev = x.device
     dtheta = alloc((W,), dtype=torch.float32, device=dev)
     if weight_grads:
-        dw_enc_t = alloc((W, D), dtype=torch.float32, device=dev)
+        dw_enc = alloc((D, W), dtype=torch.float32, device=dev)
         dw_dec = alloc((W, D), dtype=torch.float32, device=dev)
         db_enc = alloc((W,), dtype=torch.float32, device=dev)
-        grid = (W, triton.cdiv(D, block_d))
+        grid = (triton.cdiv(W, block_l), triton.cdiv(D, block_d))
     else:
-        dw_enc_t = dw_dec = db_enc = dtheta
-        grid = (W, 1)
+        dw_enc = dw_dec = db_enc = dtheta
+        grid = (triton.cdiv(W, block_l), 1)
     latent_grads_kernel[grid](
         latent_src, col_ptr, col_tot, enc["list_pre"], list_df, theta, c0,
-        x, g, dw_enc_t, dw_dec, db_enc, dtheta,
-        D, enc["list_pre"].stride(0), 0.5 * float(bandwidth), 1.0 / float(bandwidth),
+        x, g, dw_enc, dw_dec, db_enc, dtheta,
+        D, W, enc["list_pre"].stride(0), 0.5 * float(bandwidth), 1.0 / float(bandwidth),
         x.stride(0), x.stride(1), g.stride(0), g.stride(1),
-        WEIGHT_GRADS=weight_grads, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+        WEIGHT_GRADS=weight_grads, BLOCK_L=block_l, BLOCK_T=block_t, BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     if not weight_grads:
         return None, None, None, dtheta
-    return dw_enc_t, dw_dec, db_enc, dtheta
+    return dw_enc, dw_dec, db_enc, dtheta
