@@ -247,7 +247,7 @@ class JumpReLUSAETriton(torch.autograd.Function):
 
 
 class _Density:
-    """L0 / width of the previous calls, per threshold tensor, read without waiting on the device:
+    """L0 / width of the previous calls, per SAE, read without waiting on the device:
     the newest value whose device-to-host copy has landed (two pinned buffers, used in turn)."""
 
     def __init__(self):
@@ -268,6 +268,8 @@ class _Density:
     def put(self, key, l0, width):
         cuda = l0.device.type == "cuda"
         slot = self.slots.get(key)
+        if slot is None and len(self.slots) >= 256:        # forget the oldest SAE
+            self.slots.pop(next(iter(self.slots)))
         if slot is None or slot[3] != width:
             buffers = [torch.empty(1, dtype=torch.float32, pin_memory=cuda) for _ in range(2)]
             slot = self.slots[key] = [buffers, [None, None], 1, width]
@@ -314,9 +316,15 @@ def _measure(args) -> str:
     return min(times, key=times.get)
 
 
-def _choose_mode(x, W_enc, theta, args) -> str:
+def _sae_key(W_enc):
+    # W_enc is a parameter updated in place: its storage identifies the SAE across steps (the
+    # threshold may be recomputed every step, e.g. exp of a log parametrisation).
+    return (W_enc.data_ptr(), W_enc.device, tuple(W_enc.shape))
+
+
+def _choose_mode(x, W_enc, args) -> str:
     W = W_enc.shape[1]
-    density = _density.get((theta.data_ptr(), W))
+    density = _density.get(_sae_key(W_enc))
     if not x.is_cuda:
         return "dense" if density is not None and density > CPU_DENSE_ABOVE else "sparse"
     key = (x.shape[0], x.shape[1], W, args[-1], x.device.index, _density_bucket(density))
@@ -347,7 +355,7 @@ def jumprelu_sae_triton(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth=1e-3
     args = (x, W_enc, b_enc, threshold, W_dec, b_dec, float(bandwidth), float(lam), precision)
     if mode == "auto":
         with torch.no_grad():
-            mode = _choose_mode(x, W_enc, threshold, args)
+            mode = _choose_mode(x, W_enc, args)
     out = JumpReLUSAETriton.apply(*args, mode)
-    _density.put((threshold.data_ptr(), W_enc.shape[1]), out[2], W_enc.shape[1])
+    _density.put(_sae_key(W_enc), out[2], W_enc.shape[1])
     return out if return_firings else out[:4]

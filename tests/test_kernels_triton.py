@@ -166,17 +166,21 @@ def test_triton_is_deterministic(poisoned, mode):
 
 
 def test_auto_mode_follows_previous_density(monkeypatch):
-    """Off CUDA, "auto" picks the path from the previous call's L0 / width for this threshold."""
+    """Off CUDA, "auto" picks the path from the previous call's L0 / width of this SAE, also when
+    the threshold tensor is a new one every call (log parametrisation)."""
     chosen = []
     forward = jt._forward
     monkeypatch.setattr(jt, "_forward", lambda *a: chosen.append(a[-1]) or forward(*a))
     x, params = make_problem(20, 17, 40, "dense", "fp32", 9)
+    log_theta = params[2].log()
     for _ in range(2):
-        jt.jumprelu_sae_triton(x, *params, BANDWIDTH, 0.1, mode="auto")
+        jt.jumprelu_sae_triton(x, params[0], params[1], log_theta.exp(), *params[3:], BANDWIDTH,
+                               0.1, mode="auto")
     x, sparse_params = make_problem(20, 17, 40, "none", "fp32", 9)
-    params[1].copy_(sparse_params[1])   # same threshold tensor, now nothing fires
+    params[1].copy_(sparse_params[1])   # same SAE, now nothing fires
     for _ in range(2):
-        jt.jumprelu_sae_triton(x, *params, BANDWIDTH, 0.1, mode="auto")
+        jt.jumprelu_sae_triton(x, params[0], params[1], log_theta.exp(), *params[3:], BANDWIDTH,
+                               0.1, mode="auto")
     assert chosen == ["sparse", "dense", "dense", "sparse"]
 
 
