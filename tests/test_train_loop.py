@@ -172,7 +172,11 @@ def test_config_typos_fail_at_composition(cache, tmp_path):
     with pytest.raises(ConfigCompositionException):
         make_cfg(cache, tmp_path / "r", "loader.batch_size=many")
     assert not (tmp_path / "r").exists()
-    # inside sweep members too, before the cache is opened
+    # values the schema cannot check, and inside sweep members, all before the cache is opened
+    for override, match in (("sae.architecture=relux", "architecture"), ("kernel_backend=tritn", "kernel_backend"),
+                            ("sublayer=mlp", "sublayer"), ("sae.sparsity_loss=l2", "sparsity_loss")):
+        with pytest.raises(ValueError, match=match):
+            run_training(make_cfg(tmp_path / "no_cache", tmp_path / "r", override), single=True)
     for members, error in (("[{preset:relu,sae:{sparsity_cof:1}}]", Exception), ("[{preset:relux}]", ValueError),
                            ("[{presett:relu}]", ValueError)):
         cfg = make_cfg(tmp_path / "no_cache", tmp_path / "r", f"sweep.members={members}", sweep=True)

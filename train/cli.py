@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 
-from .cache_reader import CacheError
+from .cache_reader import SUBLAYERS, CacheError
 from .loop import MemberSpec, TrainingDiverged, train_members
 from .members import member_configs
 
@@ -13,6 +13,10 @@ from .members import member_configs
 def run_training(cfg, single: bool):
     import kernels
     kernels.require_ours()
+    if cfg.kernel_backend not in kernels.BACKENDS:
+        raise ValueError(f"kernel_backend={cfg.kernel_backend!r}; choose one of {', '.join(kernels.BACKENDS)}")
+    if cfg.sublayer not in SUBLAYERS:
+        raise ValueError(f"sublayer={cfg.sublayer!r}; choose one of {', '.join(SUBLAYERS)}")
     members = member_configs(cfg)
     run_dir = Path(cfg.run_dir)
     if single and len(members) != 1:

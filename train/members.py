@@ -60,7 +60,24 @@ def member_configs(cfg) -> list[tuple[str, object]]:
             if not parts:
                 parts = [m.sae.architecture]
             members.append(("_".join(parts), m))
+    for name, m in members:
+        check_member(name, m)
     names = [n for n, _ in members]
     if len(set(names)) != len(names):
         members = [(f"{i:02d}_{n}", m) for i, (n, m) in enumerate(members)]
     return members
+
+
+CHOICES = {"architecture": ("jumprelu", "relu", "topk", "gated"), "sparsity_loss": ("l0", "l1"),
+           "theta_parametrisation": ("raw", "log")}
+
+
+def check_member(name: str, m) -> None:
+    """Values the schema types cannot check (string choices, ranges), before any work."""
+    for key, allowed in CHOICES.items():
+        if m.sae[key] not in allowed:
+            raise ValueError(f"member {name!r}: sae.{key}={m.sae[key]!r}; choose one of {', '.join(allowed)}")
+    if m.sae.width < 0 or m.sae.expansion < 1 or m.sae.k < 1:
+        raise ValueError(f"member {name!r}: sae.width >= 0, sae.expansion >= 1 and sae.k >= 1 are required")
+    if m.optim.lr <= 0 or m.sae.bandwidth <= 0 or m.sae.theta_init <= 0:
+        raise ValueError(f"member {name!r}: optim.lr, sae.bandwidth and sae.theta_init must be positive")
