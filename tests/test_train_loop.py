@@ -217,3 +217,18 @@ def test_cache_without_statistics_estimates_them(tmp_path, capsys):
     rows = x.reshape(-1, 16, 8)[:, 1:].reshape(-1, 8).astype(np.float64)   # non-BOS rows
     # a sample of 16 of the 24 chunks (the exact estimator is checked in test_train_cache.py)
     assert meta["normalisation"]["mean_squared_norm"] == pytest.approx((rows ** 2).sum(1).mean(), rel=0.1)
+
+
+def test_hydra_multirun_shards_one_sweep_across_processes(cache, tmp_path):
+    """Sweeps too large for one process: one Hydra job per shard, each reading the same cache."""
+    args = [sys.executable, "-m", "train.sweep", f"cache={cache}", "layer=3", "sublayer=mlp_out",
+            f"run_dir={tmp_path / 'sweep'}", "train.progress=false", "train.tensorboard=false",
+            "train.total_tokens=64", "loader.batch_size=32", "sae.width=16",
+            "sweep.grid.sae.sparsity_coeff=[0.001,0.01,0.1]", "hydra.mode=MULTIRUN",
+            "sweep.num_shards=2", "sweep.shard=0,1"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for name in ("sparsity_coeff=0.001", "sparsity_coeff=0.01", "sparsity_coeff=0.1"):
+        assert (tmp_path / "sweep" / name / "sae.safetensors").exists(), name
+    assert (tmp_path / "sweep" / "checkpoint_shard0of2.pt").exists()
+    assert (tmp_path / "sweep" / "checkpoint_shard1of2.pt").exists()
