@@ -21,7 +21,7 @@ import torch
 import zarr
 
 from .model import load_model
-from .run import run_harvest
+from .run import batch_sequences, run_harvest
 from .sites import forward_until
 
 
@@ -81,7 +81,7 @@ def main() -> None:
         setting = "gemma-2-2b shape, random weights, attn_z+mlp_out+resid_post of all 26 layers"
         overrides = ["model=gemma-2-2b", "model.path=embedded:gemma-2-2b", "+model.architecture.seed=0",
                      "sublayers='attn_z,mlp_out,resid_post'", f"n_tokens={args.tokens or 32768}",
-                     "batch_size=8"]
+                     "batch_tokens=8192"]
     else:
         setting = "tiny Gemma 2, all 6 sublayers of all 4 layers"
         overrides = ["model=tiny", f"n_tokens={args.tokens or 65536}"]
@@ -101,7 +101,7 @@ def main() -> None:
         if loaded is None:
             loaded = load_model(cfg.model, "cuda" if gpu else "cpu")
         rows["forward"].append(bare_forward_seconds(loaded, tokens, attrs["context_length"],
-                                                    cfg.batch_size, last_layer))
+                                                    batch_sequences(cfg.batch_tokens, attrs["context_length"]), last_layer))
         rows["write"].append(raw_write_seconds(out, chunk_bytes, attrs["n_chunks"]))
     med = {k: statistics.median(v) for k, v in rows.items()}
     ratio = med["harvest"] / max(med["forward"], med["write"])

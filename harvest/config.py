@@ -53,7 +53,9 @@ class HarvestConfig:
     n_tokens: int = 1_048_576
     context_length: Optional[int] = None   # default: the model's context_length
     chunk_tokens: int = 8192              # rounded up to a multiple of the context length
-    batch_size: int = 8                   # sequences per forward pass
+    # Tokens per forward pass (whole sequences; at least one). It can change the last bits of the
+    # activations, so a resumed harvest must keep it.
+    batch_tokens: int = 8192
     seed: int = 0
     storage_dtype: str = "bfloat16"       # or float32
     codec: str = "none"                   # none | zstd | blosc
@@ -73,4 +75,4 @@ def register_configs() -> None:
 
 
 # Fields that do not change the cache's bytes: a resumed harvest may differ in these.
-RUNTIME_ONLY_FIELDS = ("write_queue", "device", "progress", "min_free_bytes", "batch_size")
+RUNTIME_ONLY_FIELDS = ("write_queue", "device", "progress", "min_free_bytes")

@@ -158,6 +158,7 @@ def run_harvest(cfg: HarvestConfig) -> dict:
 def _harvest_chunks(cfg, layout, group, model, bos, device, first, sequences, todo, last_layer, show):
     R, ctx = layout.chunk_rows, layout.context_length
     per_chunk = R // ctx
+    batch = batch_sequences(cfg.batch_tokens, ctx)
     pin = device.type == "cuda"
     writer = ChunkWriter(group, layout, depth=cfg.write_queue, pin=pin)
     bar = tqdm(total=len(todo) * R, unit="tok", unit_scale=True, disable=not show, dynamic_ncols=True,
@@ -178,8 +179,8 @@ def _harvest_chunks(cfg, layout, group, model, bos, device, first, sequences, to
                 buf.tokens[:] = np.concatenate(seqs)
                 stats = {s: torch.zeros(w + 2, dtype=torch.float64, device=device)
                          for s, w in zip(layout.sites, layout.widths)}
-                for b in range(0, per_chunk, cfg.batch_size):
-                    ids = torch.from_numpy(np.stack(seqs[b:b + cfg.batch_size])).to(device, non_blocking=True)
+                for b in range(0, per_chunk, batch):
+                    ids = torch.from_numpy(np.stack(seqs[b:b + batch])).to(device, non_blocking=True)
                     forward_until(model, ids, last_layer)
                     rows = slice(b * ctx, b * ctx + ids.numel())
                     keep = (ids.reshape(-1) != bos).unsqueeze(1)
@@ -202,6 +203,11 @@ def _harvest_chunks(cfg, layout, group, model, bos, device, first, sequences, to
         writer.close()
     finally:
         bar.close()
+
+
+def batch_sequences(batch_tokens: int, context_length: int) -> int:
+    """Whole sequences per forward pass: batch_tokens rounded down, at least one."""
+    return max(1, batch_tokens // context_length)
 
 
 def _chain(first, rest):

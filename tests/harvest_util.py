@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parent.parent
 # Small and quick: 8 chunks of 8 sequences of 64 tokens, every sublayer of the tiny model's 4 layers.
-SMALL = ["n_tokens=4096", "chunk_tokens=512", "context_length=64", "batch_size=4", "progress=false"]
+SMALL = ["n_tokens=4096", "chunk_tokens=512", "context_length=64", "batch_tokens=256", "progress=false"]
 
 
 def harvest_config(overrides: list[str]):

@@ -74,7 +74,7 @@ def assert_matches_oracle(cache):
     ctx = attrs["context_length"]
     assert (tokens.reshape(-1, ctx)[:, 0] == attrs["bos_token_id"]).all()
     assert (tokens.reshape(-1, ctx)[:, 1:] != attrs["bos_token_id"]).all()
-    oracle = oracle_activations(tokens, ctx, attrs["harvest_config"]["batch_size"])
+    oracle = oracle_activations(tokens, ctx, attrs["harvest_config"]["batch_tokens"] // ctx)
     checked = 0
     for L in range(4):
         for sub in SUBLAYERS:
