@@ -21,6 +21,9 @@ def save_sae(run_dir, sae: SparseAutoencoder, meta: dict) -> None:
     meta = {"architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
             "hyperparameters": sae.hyperparameters(), "tensors": sorted(tensors), **meta}
     save_file(tensors, str(run_dir / (WEIGHTS + ".tmp")), metadata={"architecture": sae.architecture})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(run_dir / (WEIGHTS + ".tmp"), 0o666 & ~umask)   # safetensors creates it private (0600)
     os.replace(run_dir / (WEIGHTS + ".tmp"), run_dir / WEIGHTS)
     (run_dir / (META + ".tmp")).write_text(json.dumps(meta, indent=2, default=_jsonable) + "\n")
     os.replace(run_dir / (META + ".tmp"), run_dir / META)
