@@ -193,3 +193,39 @@ def test_dead_and_dense_latent_bookkeeping_matches_brute_force():
     start = (n_tokens // window - 1) * window
     span = np.concatenate(history)[start:]
     assert stats.dense() == int((span.mean(0) > 0.1).sum())
+
+
+def test_topk_auxk_loss_and_gradient_to_dead_latents():
+    torch.manual_seed(0)
+    d, W, k, aux_k = 6, 20, 3, 4
+    sae = build_sae(OmegaConf.structured(SAEConfig(architecture="topk", width=W, k=k, aux_k=aux_k,
+                                                    aux_coeff=0.5)), d, torch.Generator().manual_seed(0)).double()
+    x = torch.randn(16, d, dtype=torch.float64)
+    dead = torch.zeros(W, dtype=torch.bool)
+    dead[[1, 4, 7, 9, 13, 17]] = True
+    out = sae.training_loss(x, 0.0, "reference", dead=dead)
+    out.loss.backward()
+    # float64 NumPy oracle of the loss
+    We, be, Wd, bd = (t.detach().numpy() for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+    xn = x.numpy()
+    pre = xn @ We + be
+
+    def top(p, kk):
+        f = np.zeros_like(p)
+        idx = np.argsort(-p, axis=1)[:, :kk]
+        np.put_along_axis(f, idx, np.maximum(np.take_along_axis(p, idx, 1), 0), 1)
+        return f
+
+    x_hat = top(pre, k) @ Wd + bd
+    z = top(np.where(dead.numpy(), pre, -np.inf), aux_k)
+    aux = np.mean(np.sum(((xn - x_hat) - z @ Wd) ** 2, 1))
+    mse = np.mean(np.sum((xn - x_hat) ** 2, 1))
+    assert out.loss.item() == pytest.approx(mse + 0.5 * aux, rel=1e-12)
+    assert out.mse.item() == pytest.approx(mse, rel=1e-12)
+    # AuxK sends gradient to the dead latents it picked (with a positive pre-activation), and only to them
+    with_aux = sae.b_enc.grad.clone()
+    sae.zero_grad()
+    sae.training_loss(x, 0.0, "reference", dead=torch.zeros(W, dtype=torch.bool)).loss.backward()
+    changed = set(np.flatnonzero((with_aux != sae.b_enc.grad).numpy()))
+    picked = set(np.flatnonzero((z > 0).any(0)))
+    assert picked and changed == picked

@@ -24,6 +24,8 @@ class SAEConfig:
     theta_parametrisation: str = "raw"    # raw (clamped at theta_min after each step) | log
     theta_min: float = 1e-6
     k: int = 32                           # topk only
+    aux_k: int = 0                        # topk: AuxK latents among the dead ones (0: off; Gao et al.: 512)
+    aux_coeff: float = 0.03125            # topk: weight of the AuxK loss (1/32)
 
 
 @dataclass

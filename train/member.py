@@ -31,7 +31,8 @@ class Member:
         lr = lr_at(step, self.total_steps, self.cfg.optim)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        out = self.sae.training_loss(x, lam, self.backend, want_firings=track_latents)
+        dead = self.stats.dead_mask() if getattr(self.sae, "aux_k", 0) > 0 else None
+        out = self.sae.training_loss(x, lam, self.backend, want_firings=track_latents, dead=dead)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         remove_parallel_grad(self.sae.W_dec)

@@ -77,7 +77,8 @@ def check_member(name: str, m) -> None:
     for key, allowed in CHOICES.items():
         if m.sae[key] not in allowed:
             raise ValueError(f"member {name!r}: sae.{key}={m.sae[key]!r}; choose one of {', '.join(allowed)}")
-    if m.sae.width < 0 or m.sae.expansion < 1 or m.sae.k < 1:
-        raise ValueError(f"member {name!r}: sae.width >= 0, sae.expansion >= 1 and sae.k >= 1 are required")
+    if m.sae.width < 0 or m.sae.expansion < 1 or m.sae.k < 1 or m.sae.aux_k < 0:
+        raise ValueError(f"member {name!r}: sae.width >= 0, sae.expansion >= 1, sae.k >= 1 and sae.aux_k >= 0 "
+                         "are required")
     if m.optim.lr <= 0 or m.sae.bandwidth <= 0 or m.sae.theta_init <= 0:
         raise ValueError(f"member {name!r}: optim.lr, sae.bandwidth and sae.theta_init must be positive")

@@ -33,6 +33,12 @@ class LatentStats:
     def dead(self) -> int:
         return int(((self.tokens - self.last_fired) >= min(self.window, max(self.tokens, 1))).sum())
 
+    def dead_mask(self) -> torch.Tensor:
+        """Latents with no activation in the last `window` tokens (none before `window` tokens are seen)."""
+        if self.tokens < self.window:
+            return torch.zeros_like(self.last_fired, dtype=torch.bool)
+        return (self.tokens - self.last_fired) >= self.window
+
     def dense(self) -> int:
         seen = self.seen + self.prev_seen
         if seen == 0:

@@ -50,7 +50,9 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
-    def training_loss(self, x, sparsity_coeff: float, backend: str, want_firings: bool = True) -> StepOutput:
+    def training_loss(self, x, sparsity_coeff: float, backend: str, want_firings: bool = True,
+                      dead: torch.Tensor | None = None) -> StepOutput:
+        """dead: bool [d_sae], latents dead so far (only TopK's AuxK uses it)."""
         raise NotImplementedError
 
     def hyperparameters(self) -> dict:
@@ -135,7 +137,7 @@ class JumpReLUSAE(SparseAutoencoder):
         pre = x @ self.W_enc + self.b_enc
         return pre * (pre > self.threshold)
 
-    def training_loss(self, x, sparsity_coeff, backend, want_firings=True):
+    def training_loss(self, x, sparsity_coeff, backend, want_firings=True, dead=None):
         if self.sparsity_loss == "l0":
             out = kernels.jumprelu_sae(x, self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec,
                                        bandwidth=self.bandwidth, sparsity_coeff=sparsity_coeff, backend=backend)
@@ -192,7 +194,7 @@ class ReLUSAE(SparseAutoencoder):
     def encode(self, x):
         return torch.relu(x @ self.W_enc + self.b_enc)
 
-    def training_loss(self, x, sparsity_coeff, backend, want_firings=True):
+    def training_loss(self, x, sparsity_coeff, backend, want_firings=True, dead=None):
         f = self.encode(x)
         mse = self._mse(x, self.decode(f))
         active = (f > 0).detach()
@@ -201,28 +203,42 @@ class ReLUSAE(SparseAutoencoder):
 
 
 class TopKSAE(SparseAutoencoder):
-    """f keeps the k largest pre-activations of each token (after ReLU); no sparsity penalty."""
+    """f keeps the k largest pre-activations of each token (after ReLU); no sparsity penalty.
+
+    AuxK (Gao et al. 2024), when aux_k > 0: the aux_k largest pre-activations among dead latents
+    reconstruct the main residual through the decoder (without b_dec); aux_coeff times that MSE joins
+    the loss, so dead latents get gradient."""
     architecture = "topk"
     scaled_by_normalisation = ("b_enc", "b_dec")
 
-    def __init__(self, d_in, d_sae, generator=None, k: int = 32):
+    def __init__(self, d_in, d_sae, generator=None, k: int = 32, aux_k: int = 0, aux_coeff: float = 1 / 32):
         super().__init__(d_in, d_sae, generator)
         if not 0 < k <= d_sae:
             raise ValueError(f"topk k must be in [1, d_sae={d_sae}], got {k}")
-        self.k = int(k)
+        self.k, self.aux_k, self.aux_coeff = int(k), int(aux_k), float(aux_coeff)
         self.W_enc = nn.Parameter(self.W_dec.detach().T.clone())
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
 
-    def encode(self, x):
-        pre = x @ self.W_enc + self.b_enc
-        top = pre.topk(self.k, dim=-1)
+    @staticmethod
+    def _top(pre, k):
+        top = pre.topk(k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
 
-    def training_loss(self, x, sparsity_coeff, backend, want_firings=True):
-        f = self.encode(x)
-        mse = self._mse(x, self.decode(f))
+    def encode(self, x):
+        return self._top(x @ self.W_enc + self.b_enc, self.k)
+
+    def training_loss(self, x, sparsity_coeff, backend, want_firings=True, dead=None):
+        pre = x @ self.W_enc + self.b_enc
+        f = self._top(pre, self.k)
+        x_hat = self.decode(f)
+        mse = self._mse(x, x_hat)
+        loss = mse
+        n_dead = 0 if dead is None else int(dead.sum())
+        if self.aux_k > 0 and n_dead > 0:
+            z = self._top(pre.masked_fill(~dead, float("-inf")), min(self.aux_k, n_dead))
+            loss = mse + self.aux_coeff * self._mse((x - x_hat).detach(), z @ self.W_dec)
         active = (f > 0).detach()
-        return StepOutput(mse, mse.detach(), active.sum(-1, dtype=x.dtype).mean(), active.sum(0))
+        return StepOutput(loss, mse.detach(), active.sum(-1, dtype=x.dtype).mean(), active.sum(0))
 
     def hyperparameters(self):
         return {"k": self.k}
@@ -253,7 +269,7 @@ class GatedSAE(SparseAutoencoder):
         pi_gate, pi_mag = self._paths(x)
         return (pi_gate > 0) * torch.relu(pi_mag)
 
-    def training_loss(self, x, sparsity_coeff, backend, want_firings=True):
+    def training_loss(self, x, sparsity_coeff, backend, want_firings=True, dead=None):
         pi_gate, pi_mag = self._paths(x)
         f = (pi_gate > 0) * torch.relu(pi_mag)
         mse = self._mse(x, self.decode(f))
@@ -277,5 +293,5 @@ def build_sae(cfg, d_in: int, generator: torch.Generator) -> SparseAutoencoder:
                            sparsity_loss=cfg.sparsity_loss, theta_parametrisation=cfg.theta_parametrisation,
                            theta_min=cfg.theta_min)
     if cfg.architecture == "topk":
-        return TopKSAE(d_in, d_sae, generator, k=cfg.k)
+        return TopKSAE(d_in, d_sae, generator, k=cfg.k, aux_k=cfg.aux_k, aux_coeff=cfg.aux_coeff)
     return ARCHITECTURES[cfg.architecture](d_in, d_sae, generator)
