@@ -2,7 +2,7 @@
 the next chunk.
 
 A chunk is written whole: `tokens`, every activation array, its statistics row, and only then
-`complete[c]`. A chunk interrupted half-way is simply written again on resumption.
+`complete[c]` (atomically). A chunk interrupted half-way is simply written again on resumption.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 import zarr
 
 from .cache_layout import STATS_GROUP, CacheLayout
+from .chunk_files import ChunkFiles
 from .sites import Site
 
 
@@ -68,8 +69,10 @@ class ChunkWriter:
         self.todo: queue.Queue[ChunkBuffers | None] = queue.Queue()
         self.error: BaseException | None = None
         self.bytes_written = 0
-        self.arrays = {s: group[s.key] for s in layout.sites}
-        self.stats_arrays = {s: group[f"{STATS_GROUP}/{s.key}"] for s in layout.sites}
+        self.tokens = ChunkFiles(group["tokens"])
+        self.arrays = {s: ChunkFiles(group[s.key]) for s in layout.sites}
+        self.stats_arrays = {s: ChunkFiles(group[f"{STATS_GROUP}/{s.key}"]) for s in layout.sites}
+        self.complete = ChunkFiles(group["complete"])
         self.thread = threading.Thread(target=self._run, name="chunk-writer", daemon=True)
         self.thread.start()
 
@@ -111,13 +114,11 @@ class ChunkWriter:
     def _write(self, buf: ChunkBuffers) -> None:
         if buf.ready is not None:
             buf.ready.synchronize()
-        R, c = self.layout.chunk_rows, buf.index
-        rows = slice(c * R, (c + 1) * R)
-        self.group["tokens"][rows] = buf.tokens
-        for site, arr in self.arrays.items():
+        c = buf.index
+        self.tokens.write((c,), buf.tokens)
+        for site, files in self.arrays.items():
             data = buf.acts[site].numpy()
-            arr[rows] = data.view(np.uint16) if self.layout.storage_dtype == "bfloat16" else data
-            self.bytes_written += data.nbytes
-        for site, arr in self.stats_arrays.items():
-            arr[c] = buf.stats[site].numpy()[None]
-        self.group["complete"][c] = True
+            self.bytes_written += files.write((c, 0), data.view(np.uint16) if self.layout.storage_dtype == "bfloat16" else data)
+        for site, files in self.stats_arrays.items():
+            files.write((c, 0), buf.stats[site].numpy()[None])
+        self.complete.write((c,), np.ones(1, dtype=bool), atomic=True)

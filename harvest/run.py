@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from .cache_layout import (CacheLayout, bytes_on_disk, cache_exists, check_compatible, chunk_rows_for,
                            create_cache, finalize_statistics, free_bytes, FORMAT_VERSION)
+from .chunk_files import remove_partial_files
 from .chunk_writer import ChunkWriter, to_storage, from_storage
 from .config import RUNTIME_ONLY_FIELDS, HarvestConfig
 from .documents import describe, iter_documents
@@ -129,6 +130,7 @@ def run_harvest(cfg: HarvestConfig) -> dict:
     if main:
         group = (check_compatible(path, identity, identity(attrs)) if resuming
                  else create_cache(path, layout, attrs))
+        remove_partial_files(path)
     state.wait_for_everyone()
     if not main:
         import zarr
@@ -183,15 +185,11 @@ def _harvest_chunks(cfg, layout, group, model, bos, device, first, sequences, to
                     ids = torch.from_numpy(np.stack(seqs[b:b + batch])).to(device, non_blocking=True)
                     forward_until(model, ids, last_layer)
                     rows = slice(b * ctx, b * ctx + ids.numel())
-                    keep = (ids.reshape(-1) != bos).unsqueeze(1)
+                    n_seq = ids.shape[0]
                     for site, width in zip(layout.sites, layout.widths):
                         stored = to_storage(acts[site].reshape(-1, width), layout.storage_dtype)
                         buf.acts[site][rows].copy_(stored, non_blocking=True)
-                        x = from_storage(stored, layout.storage_dtype).double() * keep
-                        st = stats[site]
-                        st[:-2] += x.sum(0)
-                        st[-2] += x.pow(2).sum()
-                        st[-1] += keep.sum()
+                        _accumulate_statistics(stats[site], from_storage(stored, layout.storage_dtype), n_seq)
                 for site in layout.sites:
                     buf.stats[site].copy_(stats[site], non_blocking=True)
                 if device.type == "cuda":
@@ -203,6 +201,19 @@ def _harvest_chunks(cfg, layout, group, model, bos, device, first, sequences, to
         writer.close()
     finally:
         bar.close()
+
+
+def _accumulate_statistics(st: torch.Tensor, x: torch.Tensor, n_seq: int) -> None:
+    """st[:-2] += sum of x, st[-2] += sum of ||x||^2, st[-1] += rows, over the non-BOS rows of x
+    (the packer puts BOS at position 0 of every sequence and nowhere else).
+
+    Float32 sums within each sequence, float64 across sequences and batches: about 1e-7 relative
+    error, and four times cheaper than float64 throughout (bf16 -> float64 is not vectorised)."""
+    x = x.float().view(n_seq, -1, x.shape[1])
+    bos = x[:, 0].double()
+    st[:-2] += x.sum(1).double().sum(0) - bos.sum(0)
+    st[-2] += x.pow(2).view(n_seq, -1).sum(1).double().sum() - bos.pow(2).sum()
+    st[-1] += n_seq * (x.shape[1] - 1)
 
 
 def batch_sequences(batch_tokens: int, context_length: int) -> int:

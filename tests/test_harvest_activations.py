@@ -97,8 +97,10 @@ def test_statistics_exclude_bos(one_process_cache):
     for key in ("layer_0/resid_pre", "layer_2/mlp_out", "layer_3/attn_z"):
         x = torch.from_numpy(group[key][:].view(np.int16)).view(torch.bfloat16).double().numpy()[keep]
         attrs = dict(group[key].attrs)
-        np.testing.assert_allclose(attrs["mean_squared_norm"], (x ** 2).sum(1).mean(), rtol=1e-10)
-        np.testing.assert_allclose(attrs["variance"], ((x - x.mean(0)) ** 2).sum(1).mean(), rtol=1e-8)
+        # float32 sums within a sequence, float64 across: about 1e-7 relative (run.py)
+        np.testing.assert_allclose(attrs["mean_squared_norm"], (x ** 2).sum(1).mean(), rtol=1e-6)
+        np.testing.assert_allclose(attrs["variance"], ((x - x.mean(0)) ** 2).sum(1).mean(), rtol=1e-5)
+        np.testing.assert_allclose(attrs["mean_norm"], np.linalg.norm(x.mean(0)), rtol=1e-6)
         assert attrs["statistics_rows"] == keep.sum()
 
 

@@ -22,20 +22,28 @@ def reference(tmp_path_factory):
 
 
 # Runs the real CLI with the writer patched to SIGKILL its own process part-way through chunk
-# number KILL_AT (1-based), after writing `tokens` and one activation array of it.
+# number KILL_AT (1-based): after writing `tokens`, half of one activation chunk file, and the
+# temporary file of its `complete` flag (not yet renamed).
 KILLER = """
 import os, signal, sys
+import numpy as np
 from harvest import chunk_writer
 original = chunk_writer.ChunkWriter._write
 seen = [0]
 def write_then_die(self, buf):
     seen[0] += 1
     if seen[0] == KILL_AT:
-        R = self.layout.chunk_rows
-        rows = slice(buf.index * R, (buf.index + 1) * R)
-        self.group["tokens"][rows] = buf.tokens
+        c = buf.index
+        self.tokens.write((c,), buf.tokens)
         site = self.layout.sites[0]
-        self.arrays[site][rows] = buf.acts[site].numpy().view("uint16")
+        files = self.arrays[site]
+        blob = files.encode(buf.acts[site].numpy().view(np.uint16))
+        path = files.folder / files.metadata.encode_chunk_key((c, 0))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bytes(blob)[: len(blob) // 2])
+        flag = self.complete.folder / (self.complete.metadata.encode_chunk_key((c,)) + ".partial")
+        flag.parent.mkdir(parents=True, exist_ok=True)
+        flag.write_bytes(b"\\x01")
         os.kill(os.getpid(), signal.SIGKILL)
     original(self, buf)
 chunk_writer.ChunkWriter._write = write_then_die
@@ -55,6 +63,7 @@ def test_sigkill_then_resume_is_byte_identical(reference, tmp_path, kill_at):
     assert killed.returncode == -9, killed.stderr[-2000:]
     complete = zarr.open_group(str(cache), mode="r")["complete"][:]
     assert complete.sum() == kill_at - 1          # the half-written chunk is not marked complete
+    assert list(cache.rglob("*.partial"))
     resumed = harvest_cli(cache)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{kill_at - 1} chunks already complete" in resumed.stdout

@@ -1,0 +1,89 @@
+"""Writing whole chunks of a Zarr v3 array straight to its chunk files.
+
+zarr-python's own write path (an asyncio loop and thread pool per call) costs about three times a
+plain file write per chunk, and on a small machine that CPU time is taken from the forward pass
+(measured: harvest 2.96 s -> 1.51 s for the bench's tiny-model harvest). The harvester only ever
+writes whole chunks of arrays it created itself with a local store, so it encodes them here, with
+the codec chain read from each array's own metadata, and leaves creating and reading to zarr.
+tests/test_harvest_chunk_files.py checks that the files are byte-identical to zarr's own.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+
+class UnsupportedCodec(ValueError):
+    pass
+
+
+def _encoders(array: zarr.Array):
+    import numcodecs
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
+    steps = []
+    for codec in array.metadata.codecs:
+        if isinstance(codec, BytesCodec):
+            if codec.endian is not None and codec.endian.value != "little":
+                raise UnsupportedCodec("big-endian arrays")
+        elif isinstance(codec, ZstdCodec):
+            steps.append(numcodecs.Zstd(level=codec.level, checksum=codec.checksum).encode)
+        elif isinstance(codec, BloscCodec):
+            shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[codec.shuffle.value]
+            steps.append(numcodecs.Blosc(cname=codec.cname.value, clevel=codec.clevel, shuffle=shuffle,
+                                         blocksize=codec.blocksize, typesize=codec.typesize).encode)
+        elif isinstance(codec, Crc32cCodec):
+            import crc32c
+            steps.append(lambda b: bytes(b) + struct.pack("<I", crc32c.crc32c(bytes(b))))
+        else:
+            raise UnsupportedCodec(type(codec).__name__)
+    return steps
+
+
+class ChunkFiles:
+    """Encodes whole chunks of one array and writes them to `<store root>/<array path>/<chunk key>`."""
+
+    def __init__(self, array: zarr.Array):
+        root = getattr(array.store, "root", None)
+        if root is None:
+            raise UnsupportedCodec(f"store {array.store!r} is not a local folder")
+        if np.dtype(array.dtype).byteorder == ">":
+            raise UnsupportedCodec("big-endian dtype")
+        self.folder = Path(root) / array.path
+        self.metadata = array.metadata
+        self.chunk_shape = tuple(array.chunks)
+        self.dtype = np.dtype(array.dtype)
+        self.steps = _encoders(array)
+
+    def encode(self, data: np.ndarray):
+        """The chunk file's bytes (a buffer; without compressors, the array's own memory: no copy)."""
+        if data.shape != self.chunk_shape or data.dtype != self.dtype:
+            raise ValueError(f"chunk of shape {data.shape} {data.dtype}, expected {self.chunk_shape} {self.dtype}")
+        out = memoryview(np.ascontiguousarray(data)).cast("B")
+        for step in self.steps:
+            out = step(out)
+        return out
+
+    def write(self, coords: tuple[int, ...], data: np.ndarray, atomic: bool = False) -> int:
+        """Write chunk `coords`; `atomic` goes through a temporary file and a rename, so that a
+        reader never sees a half-written file (used for the `complete` flags)."""
+        path = self.folder / self.metadata.encode_chunk_key(coords)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = self.encode(data)
+        target = path.with_name(path.name + ".partial") if atomic else path
+        with open(target, "wb") as f:
+            f.write(blob)
+        if atomic:
+            os.replace(target, path)
+        return len(blob)
+
+
+def remove_partial_files(root: str | Path) -> int:
+    """Leftovers of a write killed before its rename; nothing refers to them."""
+    stray = list(Path(root).rglob("*.partial"))
+    for f in stray:
+        f.unlink()
+    return len(stray)
