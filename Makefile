@@ -69,8 +69,18 @@ export: $(STAMP)
 ablation: $(STAMP)
 	$(PY) -m evaluate.ablation $(TRAIN_ARGS) "run_dir='runs/$(call slug,$(MODEL))/ablation_layer_$(LAYER)_$(SUBLAYER)'" $(ARGS)
 
+# The whole pipeline on the embedded tiny model, on a CPU in a few minutes. Run again, each stage
+# resumes (and finds its work done).
+DEMO_CACHE := caches/demo
+DEMO_RUN   := runs/demo/layer_2_mlp_out
+DEMO_TRAIN := train.total_tokens=1e6 loader.batch_size=1024 loader.buffer_tokens=65536 \
+              loader.heldout_fraction=0.05 sae.expansion=8 sae.sparsity_coeff=5e-3 optim.lr=1e-3 \
+              optim.lr_warmup_steps=50 optim.lambda_warmup_steps=300 train.checkpoint_every_steps=250 \
+              train.log_every_steps=50 train.dead_window_tokens=1e5
 demo: $(STAMP)
-	$(PY) -m harvest.demo
+	$(MAKE) --no-print-directory harvest MODEL=tiny CACHE=$(DEMO_CACHE) TOKENS=65536
+	$(MAKE) --no-print-directory train CACHE=$(DEMO_CACHE) LAYER=2 SUBLAYER=mlp_out RUN=$(DEMO_RUN) ARGS="$(DEMO_TRAIN)"
+	$(MAKE) --no-print-directory eval RUN=$(DEMO_RUN)
 
 # sae-lens is optional (its tests skip without it); CI installs it so that SAELens itself checks our exports.
 $(VENV)/.saelens: $(STAMP)
