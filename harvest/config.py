@@ -74,5 +74,26 @@ def register_configs() -> None:
     cs.store(group="data", name="data_schema", node=DataConfig)
 
 
+class HarvestConfigError(ValueError):
+    """A setting with a value outside its choices."""
+
+
+CHOICES = {"storage_dtype": ("bfloat16", "float32"), "codec": ("none", "zstd", "blosc"),
+           "device": ("auto", "cpu", "cuda")}
+
+
+def validate(cfg: HarvestConfig) -> None:
+    for name, allowed in CHOICES.items():
+        value = getattr(cfg, name)
+        if value not in allowed and not (name == "device" and str(value).startswith("cuda:")):
+            raise HarvestConfigError(f"{name}={value!r}: choose one of {', '.join(allowed)}")
+    for name in ("n_tokens", "chunk_tokens", "batch_tokens", "write_queue"):
+        if getattr(cfg, name) < (0 if name == "write_queue" else 1):
+            raise HarvestConfigError(f"{name}={getattr(cfg, name)} must be positive")
+    ctx = cfg.context_length or cfg.model.context_length
+    if ctx < 2:
+        raise HarvestConfigError(f"context_length={ctx}: need at least 2 (BOS and one token)")
+
+
 # Fields that do not change the cache's bytes: a resumed harvest may differ in these.
 RUNTIME_ONLY_FIELDS = ("write_queue", "device", "progress", "min_free_bytes")

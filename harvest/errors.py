@@ -1,5 +1,6 @@
 """Errors that mean "your input is wrong": reported in one line, without a traceback."""
 from .cache_layout import CacheMismatch
+from .config import HarvestConfigError
 from .chunk_writer import HarvestWriteError
 from .documents import DataError
 from .model import ModelLoadError
@@ -8,4 +9,4 @@ from .run import DiskSpaceError
 from .sites import SiteError
 
 USER_ERRORS = (CacheMismatch, HarvestWriteError, DataError, ModelLoadError, CorpusTooSmall,
-               DiskSpaceError, SiteError, ValueError)
+               DiskSpaceError, SiteError, HarvestConfigError)

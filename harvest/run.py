@@ -14,7 +14,7 @@ from .cache_layout import (CacheLayout, bytes_on_disk, cache_exists, check_compa
                            create_cache, finalize_statistics, free_bytes, FORMAT_VERSION)
 from .chunk_files import remove_partial_files
 from .chunk_writer import ChunkWriter, to_storage, from_storage
-from .config import RUNTIME_ONLY_FIELDS, HarvestConfig
+from .config import RUNTIME_ONLY_FIELDS, HarvestConfig, validate
 from .documents import describe, iter_documents
 from .model import load_model, load_model_config, resolve_device
 from .packing import CorpusTooSmall, iter_sequences
@@ -54,6 +54,7 @@ def _distributed_state(device: torch.device):
 
 
 def run_harvest(cfg: HarvestConfig) -> dict:
+    validate(cfg)
     device = resolve_device(cfg.device)
     state = _distributed_state(device)
     if device.type == "cuda":
@@ -69,15 +70,11 @@ def run_harvest(cfg: HarvestConfig) -> dict:
     sites = stored_sites(layers, sublayers)
     last_layer = max(s.layer for s in sites)
     ctx = cfg.context_length or cfg.model.context_length
-    if ctx < 2:
-        raise ValueError(f"context_length={ctx}: need at least 2 (BOS and one token)")
     chunk_rows = chunk_rows_for(cfg.chunk_tokens, ctx)
     n_tokens = -(-cfg.n_tokens // chunk_rows) * chunk_rows
     layout = CacheLayout(sites=tuple(sites), widths=tuple(site_width(hf_config, s.sublayer) for s in sites),
                          n_tokens=n_tokens, context_length=ctx, chunk_rows=chunk_rows,
                          storage_dtype=cfg.storage_dtype, codec=cfg.codec, checksum=cfg.checksum)
-    if cfg.storage_dtype not in ("bfloat16", "float32"):
-        raise ValueError(f"storage_dtype={cfg.storage_dtype!r}: choose bfloat16 or float32")
 
     loaded = load_model(cfg.model, device)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -130,7 +127,7 @@ def run_harvest(cfg: HarvestConfig) -> dict:
     if main:
         group = (check_compatible(path, identity, identity(attrs)) if resuming
                  else create_cache(path, layout, attrs))
-        remove_partial_files(path)
+        remove_partial_files(path / "complete")   # the only files written through a rename
     state.wait_for_everyone()
     if not main:
         import zarr

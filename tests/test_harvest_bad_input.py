@@ -8,6 +8,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from harvest.cache_layout import CacheMismatch
+from harvest.config import HarvestConfigError
 from harvest.model import ModelLoadError
 from harvest.packing import CorpusTooSmall
 from harvest.run import DiskSpaceError
@@ -38,6 +39,9 @@ def cache(existing, tmp_path):
     (["chunk_tokens=1024"], CacheMismatch, "chunk_rows: the cache has 512"),
     (["sublayers=mlp_out"], CacheMismatch, "sites"),
     (["min_free_bytes=1000000000000000000"], DiskSpaceError, "not enough disk space"),
+    (["codec=lz4"], HarvestConfigError, "codec='lz4': choose one of none, zstd, blosc"),
+    (["storage_dtype=fp8"], HarvestConfigError, "storage_dtype"),
+    (["context_length=1"], HarvestConfigError, "at least 2"),
 ])
 def test_bad_input_leaves_existing_cache_untouched(cache, overrides, error, message, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -55,9 +59,13 @@ def test_corpus_too_small_for_one_sequence(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-def test_disk_check_refuses_before_creating(tmp_path):
-    with pytest.raises(DiskSpaceError):
-        harvest_inprocess(tmp_path / "new", ["min_free_bytes=1000000000000000000"])
+@pytest.mark.parametrize("overrides, error", [
+    (["min_free_bytes=1000000000000000000"], DiskSpaceError),
+    (["codec=lz4"], HarvestConfigError),
+])
+def test_refused_before_creating_anything(tmp_path, overrides, error):
+    with pytest.raises(error):
+        harvest_inprocess(tmp_path / "new", overrides)
     assert not (tmp_path / "new").exists()
 
 
