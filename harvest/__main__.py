@@ -21,6 +21,10 @@ def main(cfg) -> None:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the complete chunks of {config.cache} are kept; run the same command "
+              "to resume", file=sys.stderr)
+        sys.exit(130)
     if "statistics" in summary:
         print_summary(config.cache)
 

@@ -116,8 +116,9 @@ def run_harvest(cfg: HarvestConfig) -> dict:
     free = free_bytes(path)
     say(f"harvest {cfg.model.name} ({cfg.model.path}) -> {path}{'  [resuming]' if resuming else ''}\n"
         f"  {len(sites)} arrays over layers {layers[0]}..{last_layer}: {', '.join(sublayers)}\n"
-        f"  {n_tokens:,} tokens = {n_tokens // ctx:,} sequences of {ctx} = {layout.n_chunks} chunks of "
-        f"{chunk_rows} rows; {state.num_processes} process(es) on {device.type}\n"
+        f"  {n_tokens:,} tokens{' (rounded up to whole chunks)' if n_tokens != cfg.n_tokens else ''} = "
+        f"{n_tokens // ctx:,} sequences of {ctx} = {layout.n_chunks} chunks of {chunk_rows} rows; "
+        f"{state.num_processes} process(es) on {device.type}\n"
         f"  on disk: {_gb(layout.total_bytes)} ({cfg.storage_dtype}, codec {cfg.codec}; "
         f"{_gb(existing)} already there), free: {_gb(free)}")
     if layout.total_bytes - existing + cfg.min_free_bytes > free:
