@@ -180,7 +180,9 @@ def _harvest_chunks(cfg, layout, group, model, bos, device, first, sequences, to
                 stats = {s: torch.zeros(w + 2, dtype=torch.float64, device=device)
                          for s, w in zip(layout.sites, layout.widths)}
                 for b in range(0, per_chunk, batch):
-                    ids = torch.from_numpy(np.stack(seqs[b:b + batch])).to(device, non_blocking=True)
+                    ids = torch.from_numpy(np.stack(seqs[b:b + batch]))
+                    # pinned, so the copy is asynchronous and the host runs ahead of the device
+                    ids = (ids.pin_memory() if pin else ids).to(device, non_blocking=True)
                     forward_until(model, ids, last_layer)
                     rows = slice(b * ctx, b * ctx + ids.numel())
                     n_seq = ids.shape[0]
