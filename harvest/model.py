@@ -76,12 +76,19 @@ def load_model_config(cfg: ModelConfig):
     return config
 
 
+FULL_HASH_BYTES = 2**30
+
+
 def _checkpoint_hash(folder: Path) -> str:
-    """sha256 over config.json and every safetensors header (names, dtypes, shapes, offsets)."""
+    """sha256 over the JSON files and the weights: whole files up to 1 GiB of weights (the embedded
+    model, whose weights depend on torch's initialisation), beyond that each safetensors header
+    (names, dtypes, shapes, offsets) so that hashing stays cheap for real checkpoints."""
     h = hashlib.sha256()
-    for f in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
+    weights = sorted(folder.glob("*.safetensors"))
+    whole = sum(f.stat().st_size for f in weights) <= FULL_HASH_BYTES
+    for f in sorted(folder.glob("*.json")) + weights:
         h.update(f.name.encode())
-        if f.suffix == ".safetensors":
+        if f.suffix == ".safetensors" and not whole:
             with f.open("rb") as fh:
                 n = int.from_bytes(fh.read(8), "little")
                 h.update(fh.read(n))

@@ -85,3 +85,22 @@ def test_cli_reports_error_without_traceback(tmp_path):
     assert "error: unknown sublayer(s) ['bogus']" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_changed_weights_under_the_same_path_are_refused(tmp_path):
+    import torch
+    from transformers import Gemma2ForCausalLM
+    from harvest.tiny_model import ensure_checkpoint
+    cfg = harvest_config([]).model
+    folder = tmp_path / "ckpt"
+    shutil.copytree(ensure_checkpoint(cfg.name, dict(cfg.architecture)), folder)
+    model_args = ["model=custom", f"model.path={folder}", "model.context_length=64", "layers=0"]
+    harvest_inprocess(tmp_path / "cache", model_args)
+    before = tree_digest(tmp_path / "cache")
+    model = Gemma2ForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+    model.save_pretrained(folder)
+    with pytest.raises(CacheMismatch, match="checkpoint_hash"):
+        harvest_inprocess(tmp_path / "cache", model_args)
+    assert tree_digest(tmp_path / "cache") == before
