@@ -122,8 +122,10 @@ def compare_at_equal_l0(rows: list[dict], n_points: int = 3) -> list[dict]:
                 else:
                     for x in np.linspace(lo, hi, n_points if hi > lo else 1):
                         va, vb = float(np.interp(x, xa, ya)), float(np.interp(x, xb, yb))
+                        # a relative difference means something only against a positive baseline
+                        # (delta CE can be zero or negative: noise around an unchanged loss)
                         entry["points"].append({"l0": float(math.exp(x)), a: va, b: vb, "difference": va - vb,
-                                                "relative": (va - vb) / abs(vb) if vb != 0 else None})
+                                                "relative": (va - vb) / vb if vb > 0 else None})
             out.append(entry)
     return out
 
@@ -132,11 +134,12 @@ def _verdict(entry: dict) -> str:
     pts = entry["points"]
     if not pts:
         return f"- {entry['question']} ({entry['metric']}): {entry.get('note', 'no data')}"
-    rel = [p["relative"] for p in pts if p["relative"] is not None]
-    mean_rel = sum(rel) / len(rel) if rel else float("nan")
-    better = entry["a"] if mean_rel < 0 else entry["b"]
-    return (f"- {entry['question']} ({entry['metric']}, lower is better): {entry['a']} vs {entry['b']} differ by "
-            f"{100 * mean_rel:+.1f}% on average over L0 {pts[0]['l0']:.3g}..{pts[-1]['l0']:.3g}: {better} is better")
+    mean_diff = sum(p["difference"] for p in pts) / len(pts)
+    rel = [p["relative"] for p in pts]
+    relative = f" ({100 * sum(rel) / len(rel):+.1f}%)" if all(r is not None for r in rel) else ""
+    better = entry["a"] if mean_diff < 0 else entry["b"]
+    return (f"- {entry['question']} ({entry['metric']}, lower is better): {entry['a']} minus {entry['b']} is "
+            f"{mean_diff:+.4g}{relative} on average over L0 {pts[0]['l0']:.3g}..{pts[-1]['l0']:.3g}: {better} is better")
 
 
 def write_ablation_report(rows: list[dict], comparisons: list[dict], folder: Path, title: str) -> Path:

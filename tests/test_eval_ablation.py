@@ -58,3 +58,14 @@ def test_ablation_command_trains_one_sweep_and_reports(tmp_path):
     chance = cos.max(1).mean()
     assert all(r["feature_mmcs"] is not None for r in result["rows"])
     assert max(r["feature_mmcs"] for r in result["rows"]) > chance + 0.2
+
+
+def test_verdict_uses_differences_and_relative_only_against_positive_values():
+    from evaluate.ablation import _verdict
+    entry = {"question": "q", "a": "x", "b": "y", "metric": "delta_ce",
+             "points": [{"l0": 10.0, "x": -0.002, "y": -0.001, "difference": -0.001, "relative": None},
+                        {"l0": 20.0, "x": 0.001, "y": 0.003, "difference": -0.002, "relative": -2 / 3}]}
+    text = _verdict(entry)
+    assert "x minus y is -0.0015 on average" in text and "%" not in text and text.endswith("x is better")
+    entry["points"] = [{"l0": 10.0, "x": 0.2, "y": 0.1, "difference": 0.1, "relative": 1.0}]
+    assert "+0.1 (+100.0%)" in _verdict(entry) and _verdict(entry).endswith("y is better")
