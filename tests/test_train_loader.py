@@ -149,3 +149,21 @@ def test_cuda_path_logic_with_stubbed_cuda(indexed_cache, monkeypatch):
         assert cuda.position == cpu.position
         cuda.close()
         cpu.close()
+
+
+def test_raw_and_compressed_chunks_serve_the_same_batches(tmp_path):
+    """Chunks without a codec are read straight into the window buffer, compressed ones through
+    zarr: same seed, same batches, whichever path."""
+    n = ROWS * N_CHUNKS
+    acts = np.random.default_rng(1).standard_normal((n, 5)).astype(np.float32)
+    acts[:, 0] = np.arange(n)
+    batches = {}
+    for codec in (None, "zstd"):
+        path = write_cache(tmp_path / str(codec), {(0, "mlp_out"): acts}, context_length=CTX, chunk_rows=ROWS,
+                           storage_dtype="bfloat16", codec=codec)
+        source = open_activations(path, 0, "mlp_out")
+        assert (source.raw_chunk_path(0) is None) == (codec is not None)
+        loader, _ = make_loader(source, batch=37, buffer=4 * ROWS)
+        batches[codec] = torch.stack([loader.next_batch().clone() for _ in range(40)])
+        loader.close()
+    assert torch.equal(batches[None], batches["zstd"])
