@@ -20,19 +20,10 @@ import numpy as np
 import torch
 import zarr
 
+from .config import compose_harvest_config
 from .model import load_model
 from .run import batch_sequences, run_harvest
 from .sites import forward_until
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from omegaconf import OmegaConf
-    from .config import register_configs
-    register_configs()
-    conf = Path(__file__).resolve().parent.parent / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base=None):
-        return OmegaConf.to_object(hydra_compose(config_name="harvest", overrides=overrides))
 
 
 def _sync(device):
@@ -85,7 +76,7 @@ def main() -> None:
     else:
         setting = "tiny Gemma 2, all 6 sublayers of all 4 layers"
         overrides = ["model=tiny", f"n_tokens={args.tokens or 65536}"]
-    cfg = compose([f"cache={cache}", "progress=false", *overrides])
+    cfg = compose_harvest_config([f"cache={cache}", "progress=false", *overrides])
     loaded = None
     rows = {"harvest": [], "forward": [], "write": []}
     for _ in range(args.repeats):

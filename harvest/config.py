@@ -67,6 +67,18 @@ class HarvestConfig:
     min_free_bytes: int = 64 * 2**20
 
 
+def compose_harvest_config(overrides: list[str]) -> HarvestConfig:
+    """conf/harvest.yaml with Hydra overrides, validated against the schema (as `python -m harvest`
+    would see it), for benchmarks and tests that run a harvest in-process."""
+    from pathlib import Path
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    register_configs()
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        return OmegaConf.to_object(compose(config_name="harvest", overrides=list(overrides)))
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="harvest_schema", node=HarvestConfig)

@@ -8,20 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
 REPO = Path(__file__).resolve().parent.parent
 # Small and quick: 8 chunks of 8 sequences of 64 tokens, every sublayer of the tiny model's 4 layers.
 SMALL = ["n_tokens=4096", "chunk_tokens=512", "context_length=64", "batch_tokens=256", "progress=false"]
 
 
 def harvest_config(overrides: list[str]):
-    from harvest.config import register_configs
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose(config_name="harvest", overrides=overrides)
-    return OmegaConf.to_object(cfg)
+    from harvest.config import compose_harvest_config
+    return compose_harvest_config(overrides)
 
 
 def harvest_inprocess(cache: Path, extra: list[str] = ()) -> dict:
