@@ -49,8 +49,13 @@ class CacheLayout:
         return self.n_tokens * sum(self.widths) * self.itemsize
 
     @property
+    def chunk_bytes(self) -> int:
+        """Bytes of one chunk of every array (tokens, activations, statistics) before compression."""
+        return self.chunk_rows * (4 + sum(self.widths) * self.itemsize) + sum(8 * (w + 2) for w in self.widths)
+
+    @property
     def total_bytes(self) -> int:
-        return self.activation_bytes + 4 * self.n_tokens + sum(8 * (w + 2) * self.n_chunks for w in self.widths)
+        return self.n_chunks * self.chunk_bytes
 
 
 def chunk_rows_for(chunk_tokens: int, context_length: int) -> int:

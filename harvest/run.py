@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .cache_layout import (CacheLayout, bytes_on_disk, cache_exists, check_compatible, chunk_rows_for,
+from .cache_layout import (CacheLayout, cache_exists, check_compatible, chunk_rows_for,
                            create_cache, finalize_statistics, free_bytes, FORMAT_VERSION)
 from .chunk_files import remove_partial_files
 from .chunk_writer import ChunkWriter, to_storage, from_storage
@@ -112,7 +112,10 @@ def run_harvest(cfg: HarvestConfig) -> dict:
 
     path = Path(cfg.cache)
     resuming = cache_exists(path)
-    existing = bytes_on_disk(path) if resuming else 0
+    # A cache from another harvest is refused before anything else (every rank: it only reads).
+    group = check_compatible(path, identity, identity(attrs)) if resuming else None
+    # What is already written follows from the complete flags: no walk over the chunk files.
+    existing = int(group["complete"][:].sum()) * layout.chunk_bytes if resuming else 0
     free = free_bytes(path)
     say(f"harvest {cfg.model.name} ({cfg.model.path}) -> {path}{'  [resuming]' if resuming else ''}\n"
         f"  {len(sites)} arrays over layers {layers[0]}..{last_layer}: {', '.join(sublayers)}\n"
@@ -126,11 +129,11 @@ def run_harvest(cfg: HarvestConfig) -> dict:
                              f"{_gb(layout.total_bytes - existing)} more, {_gb(free)} is free")
 
     if main:
-        group = (check_compatible(path, identity, identity(attrs)) if resuming
-                 else create_cache(path, layout, attrs))
+        if not resuming:
+            group = create_cache(path, layout, attrs)
         remove_partial_files(path / "complete")   # the only files written through a rename
     state.wait_for_everyone()
-    if not main:
+    if group is None:
         import zarr
         group = zarr.open_group(str(path), mode="r+")
 
@@ -150,7 +153,6 @@ def run_harvest(cfg: HarvestConfig) -> dict:
         if not group["complete"][:].all():
             raise RuntimeError("some chunks are still incomplete after the harvest; run it again")
         summary["statistics"] = finalize_statistics(group, layout)
-        summary["bytes"] = bytes_on_disk(path)
     return summary
 
 
