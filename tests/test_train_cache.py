@@ -75,3 +75,48 @@ def test_chunk_reads_into_buffers_match_zarr(tmp_path, codec):
         np.testing.assert_array_equal(out, src.read_chunk_numpy(c))
         np.testing.assert_array_equal(src.as_tensor(out).float().numpy(),
                                       stored_as_float(acts, "bfloat16")[c * 32:(c + 1) * 32])
+
+
+@pytest.mark.parametrize("pattern", ["identity", "permuted", "bos_and_holes", "reversed_runs"])
+def test_scatter_read_puts_every_row_where_its_slot_says(tmp_path, pattern):
+    """preadv scatter reads against numpy fancy indexing: rows skipped singly (into scratch) and in
+    long runs (seeked over), more runs than IOV_MAX per call, a destination larger than the file."""
+    from train import scatter_read as sr
+    if not sr.available():
+        pytest.skip("no preadv in this libc")
+    rng = np.random.default_rng(0)
+    rows, width = 3000, 7
+    data = rng.integers(0, 2 ** 16, size=(rows, width), dtype=np.uint16)
+    path = tmp_path / "rows.bin"
+    path.write_bytes(b"xyz" + data.tobytes())           # a 3-byte header: file_offset is honoured
+    slots = np.arange(rows)
+    if pattern == "permuted":
+        slots = rng.permutation(rows)
+    elif pattern == "bos_and_holes":
+        slots = rng.permutation(rows + 50)[:rows]
+        slots[::100] = -1                                # one row in 100 skipped (scratch)
+        slots[1000:1400] = -1                            # a long skipped run (a hole between calls)
+        slots[2990:] = -1                                # skipped tail
+    elif pattern == "reversed_runs":
+        slots = (np.arange(rows) // 10 * 10)[::-1] + np.arange(rows) % 10
+    out = np.full((rows + 50, width), 0xDEAD, dtype=np.uint16)
+    with open(path, "rb", buffering=0) as f:
+        assert sr.scatter_read(f.fileno(), slots, out, file_offset=3)
+    want = np.full_like(out, 0xDEAD)
+    keep = slots >= 0
+    want[slots[keep]] = data[keep]
+    np.testing.assert_array_equal(out, want)
+
+
+def test_scatter_read_reports_a_short_file(tmp_path):
+    from train import scatter_read as sr
+    if not sr.available():
+        pytest.skip("no preadv in this libc")
+    path = tmp_path / "short.bin"
+    path.write_bytes(np.arange(30, dtype=np.uint16).tobytes())   # 10 rows of 3
+    out = np.zeros((12, 3), dtype=np.uint16)
+    with open(path, "rb", buffering=0) as f:
+        assert not sr.scatter_read(f.fileno(), np.arange(12), out)
+    with pytest.raises(IndexError):
+        with open(path, "rb", buffering=0) as f:
+            sr.scatter_read(f.fileno(), np.array([0, 12]), out)

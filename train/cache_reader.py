@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import zarr
 
+from .scatter_read import scatter_read
+
 FORMAT_VERSION = 1
 SUBLAYERS = ("resid_pre", "attn_z", "attn_out", "resid_mid", "mlp_out", "resid_post")
 STORAGE_DTYPES = {"bfloat16": (np.uint16, torch.bfloat16), "float32": (np.float32, torch.float32)}
@@ -117,15 +119,21 @@ class ActivationArray:
             return None
         return path
 
-    def read_chunk_into(self, c: int, out: np.ndarray) -> None:
-        """Chunk c into `out` (a C-contiguous [chunk_rows, width] buffer of the stored dtype)."""
+    def read_chunk_into(self, c: int, out: np.ndarray, slots: np.ndarray | None = None) -> None:
+        """Chunk c into `out` (a C-contiguous [rows, width] buffer of the stored dtype): chunk row i to
+        out[slots[i]], skipped where slots[i] < 0; slots=None: the whole chunk into out[:chunk_rows].
+
+        Bare chunk files are copied once, from the page cache straight to their destination rows
+        (`scatter_read`); compressed ones are decoded by zarr and then scattered."""
+        if slots is None:
+            slots = np.arange(self.chunk_rows)
         path = self.raw_chunk_path(c)
         if path is not None:
             with open(path, "rb", buffering=0) as f:
-                n = f.readinto(memoryview(out).cast("B"))
-            if n == out.nbytes:
-                return
-        out[...] = self.read_chunk_numpy(c)
+                if scatter_read(f.fileno(), slots, out):
+                    return
+        keep = slots >= 0
+        out[slots[keep]] = self.read_chunk_numpy(c)[keep]
 
     def read_chunk_numpy(self, c: int) -> np.ndarray:
         """Chunk c as stored: uint16 bf16 bits or float32, shape [chunk_rows, width]."""

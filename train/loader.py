@@ -3,13 +3,13 @@ read by several threads into a shuffle buffer, served as uniformly drawn batches
 rows.
 
 The buffer holds a window of `buffer_tokens // chunk_rows` chunks; the rows it may serve are drawn
-from it by a random permutation (uniform sampling without replacement), while the next window is read
-in the background. So every servable row is served exactly once per epoch, and the loader's position
+from it by a random permutation (uniform sampling without replacement), which the reader threads apply
+as they read (each row is copied once, from the file to its place in serving order), while the next
+window is read in the background. So every servable row is served exactly once per epoch, and the loader's position
 is three integers (epoch, window, offset): a checkpoint stores those, and resuming re-reads one window.
 """
 from __future__ import annotations
 
-import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,22 +43,24 @@ class BufferPool:
 
 
 class Window:
-    """Chunks of one window, read into one buffer by the reader pool, and the permutation to serve.
+    """Chunks of one window, read by the reader pool straight into serving order in one buffer.
 
-    On CUDA the whole window is copied to the device once (asynchronously, on a side stream) and
-    batches are gathered there; on CPU batches are gathered from the host buffer."""
+    Row k of the buffer is the k-th row of the window's permutation, so a batch is a contiguous slice
+    (no gather pass over the bytes). On CUDA the whole window is copied to the device once
+    (asynchronously, on a side stream) and batches are slices of that copy."""
 
-    def __init__(self, source: ActivationArray, chunk_ids: np.ndarray, servable: np.ndarray,
+    def __init__(self, source: ActivationArray, chunk_ids: np.ndarray, order: np.ndarray,
                  pool: ThreadPoolExecutor, buffers: BufferPool):
         rows = source.chunk_rows
         self.buffers, self.full = buffers, buffers.acquire()
-        self.host = self.full[:len(chunk_ids) * rows]
-        self.tensor = self.host.view(source.torch_dtype)     # views of one memory: no copies
-        raw = self.host.numpy().view(source.numpy_dtype)
-        self.order = torch.from_numpy(servable)
-        self.futures = [pool.submit(source.read_chunk_into, int(c), raw[j * rows:(j + 1) * rows])
+        self.size = len(order)
+        self.tensor = self.full[:self.size].view(source.torch_dtype)     # views of one memory: no copies
+        raw = self.full.numpy().view(source.numpy_dtype)
+        slot = np.full(len(chunk_ids) * rows, -1, dtype=np.int64)       # buffer row of each window row
+        slot[order] = np.arange(self.size)
+        self.futures = [pool.submit(source.read_chunk_into, int(c), raw, slot[j * rows:(j + 1) * rows])
                         for j, c in enumerate(chunk_ids)]
-        self.device_tensor = self.device_order = self.uploaded = None
+        self.device_tensor = self.uploaded = None
 
     def reads_done(self) -> bool:
         return all(f.done() for f in self.futures)
@@ -69,21 +71,22 @@ class Window:
         self.futures = []
 
     def upload(self, device: torch.device, stream) -> None:
-        """Start the asynchronous copy of the window (and its order) to `device`; once per window."""
+        """Start the asynchronous copy of the window to `device`; once per window."""
         if self.uploaded is not None:
             return
         self.wait()
         main = torch.cuda.current_stream(device)
         stream.wait_stream(main)                # the device memory below is allocated on `main`
         self.device_tensor = torch.empty(self.tensor.shape, dtype=self.tensor.dtype, device=device)
-        self.device_order = torch.empty(self.order.shape, dtype=self.order.dtype, device=device)
         with torch.cuda.stream(stream):
             self.device_tensor.copy_(self.tensor, non_blocking=True)
-            self.device_order.copy_(self.order.pin_memory(), non_blocking=True)
             self.uploaded = torch.cuda.Event()
             self.uploaded.record(stream)
         self.device_tensor.record_stream(stream)
-        self.device_order.record_stream(stream)
+
+    def rows(self, lo: int, hi: int, device_type: str) -> torch.Tensor:
+        """Served rows lo:hi, a view of the window (on the device once uploaded, on CUDA)."""
+        return (self.device_tensor if device_type == "cuda" else self.tensor)[lo:hi]
 
     def release(self) -> None:
         """Hand the host buffer back for reuse (after the device copy, if any, is done)."""
@@ -98,7 +101,7 @@ class ChunkLoader:
     """
 
     def __init__(self, source: ActivationArray, chunks, heldout, batch_size: int, buffer_tokens: int,
-                 seed: int, num_readers: int = 4, device="cpu", prefetch_batches: int = 2):
+                 seed: int, num_readers: int = 4, device="cpu"):
         self.source, self.batch_size, self.seed = source, int(batch_size), int(seed)
         self.device = torch.device(device)
         rows, ctx = source.chunk_rows, source.context_length
@@ -118,9 +121,7 @@ class ChunkLoader:
         host_dtype = torch.int16 if source.storage_dtype == "bfloat16" else torch.float32
         self._buffers = BufferPool((self.chunks_per_window * rows, source.width), host_dtype,
                                    pinned=self.device.type == "cuda")
-        self._prefetch_batches = max(1, int(prefetch_batches))
-        self._thread = None
-        self._cuda_plans = None
+        self._plan = None           # the generator of batch plans, once serving has started
 
     # -- the deterministic plan --------------------------------------------------------------------
     def chunk_order(self, epoch: int) -> np.ndarray:
@@ -147,108 +148,84 @@ class ChunkLoader:
         window += 1
         return (epoch + 1, 0) if window == self.windows_per_epoch else (epoch, window)
 
-    def _plans(self, windows: dict):
-        """Yield (parts, position after): parts = [(Window, lo, hi)]: rows order[lo:hi] of each window
-        make one batch. The caller gathers a batch before asking for the next."""
+    def _plans(self):
+        """Yield (parts, position after): parts = [(epoch, window, lo, hi)]: served rows lo:hi of each
+        window make one batch."""
         epoch, w, off = self.position
-
-        def window(e, i):
-            if (e, i) not in windows:
-                ids = self.window_chunks(e, i)
-                windows[(e, i)] = Window(self.source, ids, self.window_permutation(e, i, ids), self._pool,
-                                         self._buffers)
-            return windows[(e, i)]
-
-        current = window(epoch, w)
-        window(*self._advance(epoch, w))                 # read ahead
         while True:
-            parts, need, finished = [], self.batch_size, []
+            parts, need = [], self.batch_size
             while need:
-                take = min(need, len(current.order) - off)
-                if take:
-                    parts.append((current, off, off + take))
-                    off, need = off + take, need - take
-                if off == len(current.order):
-                    finished.append(windows.pop((epoch, w)))
+                take = min(need, self._window(epoch, w).size - off)
+                parts.append((epoch, w, off, off + take))
+                off, need = off + take, need - take
+                if off == self._window(epoch, w).size:
                     epoch, w, off = *self._advance(epoch, w), 0
-                    current = window(epoch, w)
             yield parts, (epoch, w, off)
-            for win in finished:             # its buffer may be refilled once this batch is gathered
-                win.release()
-            window(*self._advance(epoch, w))     # read ahead into it: two window buffers in all
+
+    def _window(self, epoch: int, window: int) -> Window:
+        """The window, its chunks' reads started when it is first asked for."""
+        if (epoch, window) not in self._windows:
+            ids = self.window_chunks(epoch, window)
+            self._windows[(epoch, window)] = Window(self.source, ids, self.window_permutation(epoch, window, ids),
+                                                    self._pool, self._buffers)
+        return self._windows[(epoch, window)]
+
+    def _release(self, key) -> None:
+        """Window `key` is served: its buffer takes the read-ahead (two window buffers in all)."""
+        self._windows.pop(key).release()
+        epoch, w, _ = self.position
+        self._window(*self._advance(epoch, w))
 
     # -- serving batches -------------------------------------------------------------------------
-    # CPU: a producer thread gathers batches from the host window while the step runs.
-    # CUDA: each window is copied to the device once (pinned buffer, side stream, asynchronous) and
-    # batches are gathered there: the host only reads files, and a batch is ready at once.
-    def _start(self):
-        self._stop = threading.Event()
-        self._windows = {}
-        if self.device.type == "cuda":
-            self._stream = torch.cuda.Stream(self.device)
-            self._cuda_plans = self._plans(self._windows)
-            return
-        # A ring of batch buffers: fresh 10-100 MB allocations would fault their pages in on every
-        # batch, which costs several times the gather itself. The consumer holds one slot, the
-        # producer fills one, `prefetch_batches` wait ready.
-        shape = (self.batch_size, self.source.width)
-        self._ring = [torch.empty(shape, dtype=self.source.torch_dtype) for _ in range(self._prefetch_batches + 2)]
-        self._ready, self._free = queue.Queue(), queue.Queue()
-        for slot in range(len(self._ring)):
-            self._free.put(slot)
-        self._held = None
-        self._thread = threading.Thread(target=self._produce, name="batch-producer", daemon=True)
-        self._thread.start()
-
-    def _produce(self):
-        try:
-            for parts, position in self._plans(self._windows):
-                slot = self._free.get()
-                if slot is None or self._stop.is_set():
-                    return
-                out, start = self._ring[slot], 0
-                for win, lo, hi in parts:
-                    win.wait()
-                    # rows in buffer order: the same rows, a cheaper gather; order in a batch is irrelevant
-                    torch.index_select(win.tensor, 0, win.order[lo:hi].sort().values, out=out[start:start + hi - lo])
-                    start += hi - lo
-                self._ready.put((slot, position))
-        except BaseException as e:  # hand the error to the consumer
-            self._ready.put((e, None))
-
-    def _next_cuda(self) -> torch.Tensor:
-        parts, position = next(self._cuda_plans)
-        main = torch.cuda.current_stream(self.device)
-        out = torch.empty((self.batch_size, self.source.width), dtype=self.source.torch_dtype, device=self.device)
-        start = 0
-        for win, lo, hi in parts:
-            win.upload(self.device, self._stream)
-            main.wait_event(win.uploaded)
-            torch.index_select(win.device_tensor, 0, win.device_order[lo:hi], out=out[start:start + hi - lo])
-            start += hi - lo
-        for win in list(self._windows.values()):     # start copying read-ahead windows as soon as read
-            if win.uploaded is None and win.reads_done():
-                win.upload(self.device, self._stream)
-        self.position = position
-        return out
-
+    # The reader threads put each window's rows in serving order, so a batch inside one window is a
+    # slice of it. A batch that spans two windows (once per window) is copied together, and the
+    # older window is released as soon as its rows are copied, so the read-ahead never waits on the
+    # newer one. On CUDA each window is copied to the device once (pinned buffer, side stream,
+    # asynchronous) and sliced there: the host only reads files.
     def next_batch(self) -> torch.Tensor:
         """The next batch [batch_size, width] in the stored dtype, on the loader's device.
 
-        On CPU the tensor is one of a ring of buffers: it stays valid until the next call (clone it
+        The tensor may be a view of the loader's window: it stays valid until the next call (clone it
         to keep it longer)."""
-        if self._thread is None and self._cuda_plans is None:
-            self._start()
-        if self._cuda_plans is not None:
-            return self._next_cuda()
-        if self._held is not None:
-            self._free.put(self._held)
-            self._held = None
-        slot, position = self._ready.get()
-        if isinstance(slot, BaseException):
-            raise RuntimeError("the chunk loader failed") from slot
-        self._held, self.position = slot, position
-        return self._ring[slot]
+        cuda = self.device.type == "cuda"
+        if self._plan is None:
+            self._windows, self._served = {}, None
+            self._stream = torch.cuda.Stream(self.device) if cuda else None
+            self._spare = None if cuda else torch.empty((self.batch_size, self.source.width),
+                                                        dtype=self.source.torch_dtype)
+            self._plan = self._plans()
+            self._window(*self.position[:2])
+            self._window(*self._advance(*self.position[:2]))      # read ahead
+        if self._served is not None:          # the last batch was a view of a finished window
+            self._release(self._served)
+            self._served = None
+        parts, position = next(self._plan)
+        self.position = position
+        pieces, start = [], 0
+        for epoch, w, lo, hi in parts:
+            win = self._windows[(epoch, w)]
+            if cuda:
+                win.upload(self.device, self._stream)
+                torch.cuda.current_stream(self.device).wait_event(win.uploaded)
+            else:
+                win.wait()
+            rows = win.rows(lo, hi, self.device.type)
+            if len(parts) == 1 or cuda:
+                pieces.append(rows)
+            else:
+                pieces.append(self._spare[start:start + hi - lo].copy_(rows))
+                start += hi - lo
+            if hi == win.size:
+                if len(parts) == 1:
+                    self._served = (epoch, w)
+                else:
+                    self._release((epoch, w))
+        batch = pieces[0] if len(pieces) == 1 else torch.cat(pieces) if cuda else self._spare
+        if cuda:
+            for win in list(self._windows.values()):     # start copying read-ahead windows as soon as read
+                if win.uploaded is None and win.reads_done():
+                    win.upload(self.device, self._stream)
+        return batch
 
     def __iter__(self):
         while True:
@@ -273,12 +250,9 @@ class ChunkLoader:
         self.position = tuple(int(v) for v in state["position"])
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._free.put(None)
-            self._thread.join(timeout=10)
-            self._thread = None
-        self._cuda_plans = None
+        if self._plan is not None:
+            self._plan.close()
+            self._plan = None
         if getattr(self, "_windows", None):
             for win in self._windows.values():
                 win.wait()
