@@ -2,7 +2,7 @@
 
 Which sequences are held out is the trainer's rule (`train.cache_reader.heldout_sequences`), so
 evaluation sees exactly the sequences training never did. Held-out sequences are scattered over the
-cache; each needed chunk is read once.
+cache; from bare chunk files only their rows are read.
 """
 from __future__ import annotations
 
@@ -39,23 +39,31 @@ def select_heldout(source: ActivationArray, heldout: dict, max_tokens: Optional[
 def heldout_batches(source: ActivationArray, sequences: np.ndarray, batch_sequences: int
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens [b, T] int64, activations [b, T, d] float32) for the given sequences, in order."""
+    for lo in range(0, len(sequences), batch_sequences):
+        seqs = np.asarray(sequences[lo:lo + batch_sequences], dtype=np.int64)
+        tokens, acts = read_sequences(source, seqs)
+        yield torch.from_numpy(tokens.astype(np.int64)), acts.float()
+
+
+def read_sequences(source: ActivationArray, sequences: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """Token ids [n, T] and stored activations [n, T, d] of the given sequences. Only their rows are
+    read from bare chunk files (a held-out sequence is a small part of its chunk); compressed chunks
+    are decoded whole, once per batch."""
     T, rows = source.context_length, source.chunk_rows
-    cached_chunk, chunk_acts, chunk_tokens = -1, None, None
-    tok_batch, act_batch = [], []
-    for s in sequences:
-        c = int(s) * T // rows
-        if c != cached_chunk:
-            chunk_acts = source.read_chunk(c)
-            chunk_tokens = np.asarray(source.tokens[c * rows:(c + 1) * rows])
-            cached_chunk = c
-        start = int(s) * T - c * rows
-        tok_batch.append(torch.from_numpy(chunk_tokens[start:start + T].astype(np.int64)))
-        act_batch.append(chunk_acts[start:start + T].float())
-        if len(tok_batch) == batch_sequences:
-            yield torch.stack(tok_batch), torch.stack(act_batch)
-            tok_batch, act_batch = [], []
-    if tok_batch:
-        yield torch.stack(tok_batch), torch.stack(act_batch)
+    out = np.empty((len(sequences) * T, source.width), dtype=source.numpy_dtype)
+    tokens = np.empty(len(sequences) * T, dtype=np.int64)
+    chunk_of = sequences * T // rows
+    for c in np.unique(chunk_of):
+        here = np.flatnonzero(chunk_of == c)
+        slots = np.full(rows, -1, dtype=np.int64)
+        for i in here:
+            start = int(sequences[i]) * T - int(c) * rows
+            slots[start:start + T] = np.arange(i * T, (i + 1) * T)
+        source.read_chunk_into(int(c), out, slots)
+        chunk_tokens = np.asarray(source.tokens[int(c) * rows:(int(c) + 1) * rows])
+        keep = slots >= 0
+        tokens[slots[keep]] = chunk_tokens[keep]
+    return tokens.reshape(len(sequences), T), source.as_tensor(out).view(len(sequences), T, source.width)
 
 
 def non_bos_mask(tokens: torch.Tensor, bos_token_id: int) -> torch.Tensor:
