@@ -234,6 +234,7 @@ def breakdown(batch, d, width, l0, device, timer, smoke):
     from .jumprelu_encode import jumprelu_encode
     from .latent_grads import latent_grads
     from .latent_transpose import latent_transpose
+    from .list_compact import list_compact
     from .sparse_decode import sparse_decode
     x, (W_enc, b_enc, theta, W_dec, b_dec) = make_sae(batch, d, width, l0, device)
     cuda = device.type == "cuda"
@@ -245,7 +246,7 @@ def breakdown(batch, d, width, l0, device, timer, smoke):
     ms["cast W_enc, W_dec to operand dtype"] = timer(lambda: (W_enc.to(op), W_dec.to(op)))
     if cuda:
         ms["cuBLAS x @ W_enc (bf16)"] = timer(lambda: x_op @ we)
-    configs = ENCODER_CONFIGS if cuda else [(16, 16, 16, 4, 1), (32, 16, 16, 4, 1)]
+    configs = ENCODER_CONFIGS if cuda else [(16, 32, 16, 4, 1), (32, 32, 16, 4, 1)]
     for bm, bn, bkk, warps, stages in configs:
         n_rb = -(-batch // bm)
         segs = max(1, min(-(-width // bn), -(-2 * (torch.cuda.get_device_properties(device).multi_processor_count if cuda else 4) // n_rb)))
@@ -258,6 +259,9 @@ def breakdown(batch, d, width, l0, device, timer, smoke):
     enc_kw = dict(n_seg=n_seg, block_m=blocks.enc_m, block_n=blocks.enc_n, block_k=blocks.enc_k,
                   num_warps=blocks.enc_warps, num_stages=blocks.enc_stages)
     enc = jumprelu_encode(x_op, we, b_enc, theta, BANDWIDTH, **enc_kw)
+    ms["list_compact"] = timer(lambda: list_compact(dict(enc), block_w=bk.words,
+                                                    num_warps=bk.gather_warps))
+    list_compact(enc, block_w=bk.words, num_warps=bk.gather_warps)
     enc_dense = jumprelu_encode(x_op, we, b_enc, theta, BANDWIDTH, dense_f=True, **enc_kw)
     ms["encode, dense f (default tiles)"] = timer(lambda: jumprelu_encode(
         x_op, we, b_enc, theta, BANDWIDTH, dense_f=True, **enc_kw))
@@ -268,12 +272,13 @@ def breakdown(batch, d, width, l0, device, timer, smoke):
     ms["dense decode GEMM"] = timer(lambda: dense_matmul(enc_dense["f"], wd, epilogue=EPILOGUE_DECODE,
                                                          bias=b_dec, x=x, block_n=bk.mm_epi_n, **mm))
     g = torch.randn(batch, d, device=device) * 1e-4
-    latent = latent_transpose(enc, width, block_e=bk.entries, num_warps=bk.gather_warps)
-    ms["latent_transpose (+ scans)"] = timer(lambda: latent_transpose(
-        enc, width, block_e=bk.entries, num_warps=bk.gather_warps))
-    df = torch.empty_like(enc["list_pre"])
+    df = entry_grad(enc, g, wd, block_e=bk.entries, block_d=bk.feat, num_warps=bk.gather_warps)
     ms["entry_grad"] = timer(lambda: entry_grad(enc, g, wd, block_e=bk.entries, block_d=bk.feat,
-                                                num_warps=bk.gather_warps, out=df))
+                                                num_warps=bk.gather_warps))
+    # (in the op the per-latent lists overwrite list_idx; here a separate buffer)
+    latent = latent_transpose(enc, width, block_w=bk.words, num_warps=bk.gather_warps)
+    ms["latent_transpose (+ scans)"] = timer(lambda: latent_transpose(
+        enc, width, block_w=bk.words, num_warps=bk.gather_warps))
     c0 = torch.ones(1, device=device)
     ms["latent_grads"] = timer(lambda: latent_grads(*latent, enc, df, theta, c0, x_op, g, BANDWIDTH,
                                                     block_l=bk.latents, block_t=bk.tokens,

@@ -23,53 +23,54 @@ SHARED_LIMIT = 227 * 1024          # per block on H100/H200
 def _variants():
     """(label, kernel, signature, constexprs, options) at the CUDA block sizes."""
     from . import dense_matmul, entry_grad, jumprelu_encode, latent_grads, latent_transpose
-    from . import sparse_decode
+    from . import list_compact, sparse_decode
     from .jumprelu_triton import CUDA_BLOCKS as bk
     i32, f32 = "i32", "fp32"
     out = []
     for op, prec in (("bf16", "ieee"), ("fp32", "tf32")):
         for dense in (False, True):
             sig = dict(x_ptr=f"*{op}", w_ptr=f"*{op}", b_ptr="*fp32", theta_ptr="*fp32",
-                       list_idx_ptr="*i32", list_pre_ptr="*fp32", list_rank_ptr="*i32",
-                       list_cnt_ptr="*i32", act_cnt_ptr="*i32", col_cnt_ptr="*i32",
+                       pre_ptr="*fp32", keep_ptr="*i32", col_cnt_ptr="*i32",
                        fire_cnt_ptr="*i32", f_ptr=f"*{op}", B=i32, D=i32, W=i32, seg_width=i32,
                        half_bandwidth=f32, stride_xb=i32, stride_xd=i32, stride_wd=i32,
                        stride_wn=i32)
-            const = dict(N_SEG=5, DENSE_F=dense, BLOCK_M=bk.enc_m, BLOCK_N=bk.enc_n,
+            const = dict(DENSE_F=dense, BLOCK_M=bk.enc_m, BLOCK_N=bk.enc_n,
                          BLOCK_K=bk.enc_k, INPUT_PRECISION=prec)
             out.append((f"jumprelu_encode {op}{' dense_f' if dense else ''}",
                         jumprelu_encode.jumprelu_encode_kernel, sig, const,
                         dict(num_warps=bk.enc_warps, num_stages=bk.enc_stages)))
     for op in ("bf16", "fp32"):
-        sig = dict(list_idx_ptr="*i32", list_pre_ptr="*fp32", list_cnt_ptr="*i32",
+        sig = dict(list_idx_ptr="*i32", pre_ptr="*fp32", list_cnt_ptr="*i32",
                    theta_ptr="*fp32", w_dec_ptr=f"*{op}", b_dec_ptr="*fp32", x_ptr="*fp32",
-                   x_hat_ptr="*fp32", sq_err_ptr="*fp32", D=i32, list_row_stride=i32,
-                   seg_width=i32, stride_wn=i32, stride_wd=i32, stride_xb=i32, stride_xd=i32,
+                   x_hat_ptr="*fp32", sq_err_ptr="*fp32", D=i32, W=i32,
+                   stride_wn=i32, stride_wd=i32, stride_xb=i32, stride_xd=i32,
                    stride_hb=i32, stride_hd=i32)
         gather = dict(num_warps=bk.gather_warps)
         out.append((f"sparse_decode {op}", sparse_decode.sparse_decode_kernel, sig,
-                    dict(N_SEG=5, BLOCK_E=bk.entries, BLOCK_D=bk.feat), gather))
+                    dict(BLOCK_E=bk.entries, BLOCK_D=bk.feat), gather))
         sig = dict(list_idx_ptr="*i32", list_cnt_ptr="*i32", g_ptr=f"*{op}", w_dec_ptr=f"*{op}",
-                   list_df_ptr="*fp32", D=i32, list_row_stride=i32, seg_width=i32,
+                   df_ptr="*fp32", D=i32, W=i32,
                    stride_gb=i32, stride_gd=i32, stride_wn=i32, stride_wd=i32)
         out.append((f"entry_grad {op}", entry_grad.entry_grad_kernel, sig,
-                    dict(N_SEG=5, BLOCK_E=bk.entries, BLOCK_D=bk.feat), gather))
+                    dict(BLOCK_E=bk.entries, BLOCK_D=bk.feat), gather))
         for weights in (True, False):
             sig = dict(latent_src_ptr="*i32", col_ptr_ptr="*i32", col_tot_ptr="*i32",
-                       list_pre_ptr="*fp32", list_df_ptr="*fp32", theta_ptr="*fp32",
+                       pre_ptr="*fp32", df_ptr="*fp32", theta_ptr="*fp32",
                        c0_ptr="*fp32", x_ptr=f"*{op}", g_ptr=f"*{op}", dw_enc_ptr="*fp32",
                        dw_dec_ptr="*fp32", db_enc_ptr="*fp32", dtheta_ptr="*fp32", D=i32, W=i32,
-                       list_row_stride=i32, half_bandwidth=f32, inv_bandwidth=f32,
+                       half_bandwidth=f32, inv_bandwidth=f32,
                        stride_xb=i32, stride_xd=i32, stride_gb=i32, stride_gd=i32)
             out.append((f"latent_grads {op}{'' if weights else ' dtheta only'}",
                         latent_grads.latent_grads_kernel, sig,
                         dict(WEIGHT_GRADS=weights, BLOCK_L=bk.latents, BLOCK_T=bk.tokens,
                              BLOCK_D=bk.feat), gather))
-    sig = dict(list_idx_ptr="*i32", list_rank_ptr="*i32", list_cnt_ptr="*i32",
-               col_start_ptr="*i32", latent_src_ptr="*i32", W=i32, list_row_stride=i32,
-               seg_width=i32)
+    sig = dict(keep_ptr="*i32", list_idx_ptr="*i32", list_cnt_ptr="*i32", W=i32, n_words=i32)
+    out.append(("list_compact", list_compact.list_compact_kernel, sig,
+                dict(BLOCK_W=bk.words), dict(num_warps=bk.gather_warps)))
+    sig = dict(keep_ptr="*i32", col_start_ptr="*i32", latent_src_ptr="*i32", B=i32, W=i32,
+               n_words=i32)
     out.append(("latent_transpose", latent_transpose.latent_transpose_kernel, sig,
-                dict(N_SEG=5, ROWS_PER_BLOCK=bk.enc_m, BLOCK_E=bk.entries),
+                dict(ROWS_PER_BLOCK=bk.enc_m, BLOCK_W=bk.words),
                 dict(num_warps=bk.gather_warps)))
     for op, prec in (("bf16", "ieee"), ("fp32", "tf32")):
         for epi, name in ((dense_matmul.EPILOGUE_DECODE, "decode"),

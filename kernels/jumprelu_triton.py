@@ -1,11 +1,13 @@
 """Triton backend of `kernels.jumprelu_sae`: the fused forward and the sparse STE backward.
 
 Sparse path (L0 small against the width):
-  forward   jumprelu_encode.py   encoder GEMM; epilogue: b_enc, threshold, L0 counts and per-token
-                                 lists of the active and near-threshold latents (pre never stored)
+  forward   jumprelu_encode.py   encoder GEMM; epilogue: b_enc, threshold, firing counts, pre stored
+                                 at the active and near-threshold entries only, keep bitmask (no scans)
+            list_compact.py      per-token lists of the kept latents, from the bitmask
             sparse_decode.py     x_hat = f W_dec + b_dec by gathering decoder rows; residual, error
   backward  entry_grad.py        df = g W_dec^T at the kept entries only
-            latent_transpose.py  per-latent lists by a counting sort without atomics
+            latent_transpose.py  per-latent token lists by a counting sort without atomics, written
+                                 over the per-token lists (dead by then)
             latent_grads.py      dW_enc, dW_dec, db_enc, dtheta per latent, fixed summation order
 Dense path (most latents on, e.g. at initialisation): the encoder also writes f (never pre) and
 lists only near-threshold entries; decode and the weight gradients are tensor-core GEMMs with fused
@@ -41,6 +43,7 @@ from .dense_matmul import EPILOGUE_DECODE, EPILOGUE_MASK, dense_matmul
 from .entry_grad import entry_grad
 from .jumprelu_encode import jumprelu_encode
 from .latent_grads import latent_grads
+from .list_compact import list_compact
 from .latent_transpose import latent_transpose
 from .sparse_decode import sparse_decode
 
@@ -95,6 +98,7 @@ class Blocks:
     enc_warps: int
     enc_stages: int
     entries: int      # list entries per chunk in the gather kernels
+    words: int        # keep-bitmask words (32 latents each) per chunk: list_compact, latent_transpose
     feat: int         # features per program / chunk in the gather kernels
     tokens: int       # tokens per chunk in the per-latent reduction
     latents: int      # latents per program in the per-latent reduction
@@ -109,16 +113,17 @@ class Blocks:
 
 
 # Chosen from `python -m kernels.compile_check` (sm_90 compiler report, no GPU needed): the
-# largest tiles whose epilogues do not spill. The encoder at 128x128 spilled 1.7 KB per thread
-# in its list-writing epilogue, at 64x128 280 B; the fused-epilogue GEMMs at 128x128 200-300 B,
-# at 128x64 none; latent_grads with 32 tokens x 256 features 72 B, with 16 x 128 none.
-# Not yet timed on a GPU.
+# largest tiles whose epilogues do not spill. The encoder (bitmask epilogue) does not spill at
+# 64x128 (bf16 or tf32 operands); the tile against 128x128 and 128x256 is for a GPU to decide
+# (kernels/README.md). The fused-epilogue GEMMs at 128x128 spilled 200-300 B, at 128x64 none;
+# latent_grads with 32 tokens x 256 features 72 B, with 16 x 128 none. Not yet timed on a GPU.
 CUDA_BLOCKS = Blocks(enc_m=64, enc_n=128, enc_k=64, enc_warps=8, enc_stages=3,
-                     entries=32, feat=128, tokens=16, latents=16, gather_warps=4,
+                     entries=32, words=8, feat=128, tokens=16, latents=16, gather_warps=4,
                      mm_m=128, mm_n=128, mm_k=64, mm_group=8, mm_warps=8, mm_stages=3, mm_epi_n=64)
-# Small blocks so that the CPU tests exercise several tiles, segments and chunks.
-INTERPRETER_BLOCKS = Blocks(enc_m=16, enc_n=16, enc_k=16, enc_warps=4, enc_stages=1,
-                            entries=8, feat=16, tokens=8, latents=4, gather_warps=4,
+# Small blocks so that the CPU tests exercise several tiles, segments and chunks (the encoder's
+# column tile is at least one 32-latent bitmask word).
+INTERPRETER_BLOCKS = Blocks(enc_m=16, enc_n=32, enc_k=16, enc_warps=4, enc_stages=1,
+                            entries=8, words=1, feat=16, tokens=8, latents=4, gather_warps=4,
                             mm_m=16, mm_n=16, mm_k=16, mm_group=2, mm_warps=4, mm_stages=1,
                             mm_epi_n=16)
 
@@ -126,7 +131,7 @@ INTERPRETER_BLOCKS = Blocks(enc_m=16, enc_n=16, enc_k=16, enc_warps=4, enc_stage
 def _blocks(B: int, D: int, W: int, device: torch.device) -> tuple[Blocks, int]:
     """Block sizes and the number of column segments of the encoder grid."""
     if _interpreting() or device.type != "cuda":
-        return INTERPRETER_BLOCKS, 3
+        return INTERPRETER_BLOCKS, 2
     blocks = CUDA_BLOCKS
     n_sm = torch.cuda.get_device_properties(device).multi_processor_count
     n_rb = triton.cdiv(B, blocks.enc_m)
@@ -153,6 +158,7 @@ def _forward(x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam, precision, mo
                           block_k=blocks.enc_k, input_precision=input_precision,
                           num_warps=blocks.enc_warps, num_stages=blocks.enc_stages,
                           dense_f=dense, alloc=_alloc)
+    list_compact(enc, block_w=blocks.words, num_warps=blocks.gather_warps, alloc=_alloc)
     out_dtype = W_dec.dtype
     if dense:
         x_hat, sq_err = dense_matmul(
@@ -166,9 +172,9 @@ def _forward(x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam, precision, mo
                                       num_warps=blocks.gather_warps, out_dtype=out_dtype,
                                       alloc=_alloc)
     mse = (sq_err.sum() / B).to(out_dtype)
-    l0 = (enc["act_cnt"].sum(dtype=torch.int64).to(torch.float32) / B).to(out_dtype)
-    loss = mse + lam * l0
     firings = enc["fire_cnt"].sum(0, dtype=torch.int64)
+    l0 = (firings.sum().to(torch.float32) / B).to(out_dtype)
+    loss = mse + lam * l0
     state = dict(x=x, x_op=x_op, x_hat=x_hat, theta=theta_c, w_dec_op=w_dec_op, enc=enc,
                  bandwidth=bandwidth, lam=lam, blocks=blocks, dense=dense,
                  input_precision=input_precision, op_dtype=op_dtype)
@@ -191,16 +197,19 @@ def _backward(st, g_loss, g_mse, g_l0, g_xhat):
     # (fp32 accumulation throughout). In bf16 this also cuts the bytes the per-latent gathers move.
     g_op = g.to(st["op_dtype"]).contiguous()
     c0 = ((g_loss * st["lam"] + g_l0) / B).reshape(1)
-    latent_src, col_ptr, col_tot = latent_transpose(enc, W, block_e=blocks.entries,
-                                                    num_warps=blocks.gather_warps, alloc=_alloc)
-    # The ranks are dead once the per-latent lists exist: df takes their memory (the lists have
-    # room for every latent, so each of their slots costs memory on B x W).
-    list_df = entry_grad(enc, g_op, st["w_dec_op"], block_e=blocks.entries, block_d=blocks.feat,
-                         num_warps=blocks.gather_warps, out=enc["list_rank"].view(torch.float32),
-                         alloc=_alloc)
+    df = entry_grad(enc, g_op, st["w_dec_op"], block_e=blocks.entries, block_d=blocks.feat,
+                    num_warps=blocks.gather_warps, alloc=_alloc)
+    # entry_grad was the last reader of the per-token lists: the per-latent lists take their
+    # memory (B x W slots each, so this saves 4 bytes per (token, latent) slot).
+    list_buffer = enc.pop("list_idx")
+    if POISON_BUFFERS:              # an unwritten slot must not pass as a stale latent index
+        list_buffer.fill_(-7777)
+    latent_src, col_ptr, col_tot = latent_transpose(enc, W, block_w=blocks.words,
+                                                    num_warps=blocks.gather_warps,
+                                                    out=list_buffer, alloc=_alloc)
     dense = st["dense"]
     dw_enc, dw_dec, db_enc, dtheta = latent_grads(
-        latent_src, col_ptr, col_tot, enc, list_df, st["theta"], c0, st["x_op"], g_op,
+        latent_src, col_ptr, col_tot, enc, df, st["theta"], c0, st["x_op"], g_op,
         st["bandwidth"], block_l=blocks.latents, block_t=blocks.tokens, block_d=blocks.feat,
         num_warps=blocks.gather_warps, weight_grads=not dense, alloc=_alloc)
     if dense:

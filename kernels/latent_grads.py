@@ -2,7 +2,8 @@
 
 One program owns a block of BLOCK_L consecutive latents and one block of features. For each
 latent n in turn it walks n's token list (built by latent_transpose.py, tokens in increasing
-order) in fixed-size chunks and computes
+order) in fixed-size chunks, reads pre and df of each entry at [token, n] of their [B, W] buffers,
+and computes
 
     dW_enc[:, n] = sum_b dpre[b, n] x[b, :]        dpre = df * H(pre - theta)   (no STE term)
     dW_dec[n, :] = sum_b f[b, n] g[b, :]
@@ -28,9 +29,9 @@ import triton.language as tl
 
 @triton.jit
 def latent_grads_kernel(
-    latent_src_ptr, col_ptr_ptr, col_tot_ptr, list_pre_ptr, list_df_ptr, theta_ptr, c0_ptr,
+    latent_src_ptr, col_ptr_ptr, col_tot_ptr, pre_ptr, df_ptr, theta_ptr, c0_ptr,
     x_ptr, g_ptr, dw_enc_ptr, dw_dec_ptr, db_enc_ptr, dtheta_ptr,
-    D, W, list_row_stride, half_bandwidth, inv_bandwidth,
+    D, W, half_bandwidth, inv_bandwidth,
     stride_xb, stride_xd, stride_gb, stride_gd,
     WEIGHT_GRADS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -56,10 +57,9 @@ def latent_grads_kernel(
         n_near = tl.zeros((BLOCK_T,), dtype=tl.float32)
         for t0 in range(0, n, BLOCK_T):
             t_ok = (t0 + ts) < n
-            src = tl.load(latent_src_ptr + start + t0 + ts, mask=t_ok, other=0).to(tl.int64)
-            token = src // list_row_stride
-            pre = tl.load(list_pre_ptr + src, mask=t_ok, other=0.0)
-            df = tl.load(list_df_ptr + src, mask=t_ok, other=0.0)
+            token = tl.load(latent_src_ptr + start + t0 + ts, mask=t_ok, other=0).to(tl.int64)
+            pre = tl.load(pre_ptr + token * W + latent, mask=t_ok, other=0.0)
+            df = tl.load(df_ptr + token * W + latent, mask=t_ok, other=0.0)
             active = t_ok & (pre > theta)
             near = t_ok & (tl.abs(pre - theta) < half_bandwidth)
             if WEIGHT_GRADS:
@@ -88,7 +88,7 @@ def latent_grads_kernel(
                  mask=d_ok[:, None] & (latents < W)[None, :])
 
 
-def latent_grads(latent_src, col_ptr, col_tot, enc, list_df, theta, c0, x, g, bandwidth, *,
+def latent_grads(latent_src, col_ptr, col_tot, enc, df, theta, c0, x, g, bandwidth, *,
                  block_l, block_t, block_d, num_warps=4, weight_grads=True, alloc=torch.empty):
     """Returns dW_enc [d, W], dW_dec [W, d], db_enc [W], dtheta [W], all float32
     (only dtheta, the others None, without weight_grads)."""
@@ -105,9 +105,9 @@ def latent_grads(latent_src, col_ptr, col_tot, enc, list_df, theta, c0, x, g, ba
         dw_enc = dw_dec = db_enc = dtheta
         grid = (triton.cdiv(W, block_l), 1)
     latent_grads_kernel[grid](
-        latent_src, col_ptr, col_tot, enc["list_pre"], list_df, theta, c0,
+        latent_src, col_ptr, col_tot, enc["pre"], df, theta, c0,
         x, g, dw_enc, dw_dec, db_enc, dtheta,
-        D, W, enc["list_pre"].stride(0), 0.5 * float(bandwidth), 1.0 / float(bandwidth),
+        D, W, 0.5 * float(bandwidth), 1.0 / float(bandwidth),
         x.stride(0), x.stride(1), g.stride(0), g.stride(1),
         WEIGHT_GRADS=weight_grads, BLOCK_L=block_l, BLOCK_T=block_t, BLOCK_D=block_d,
         num_warps=num_warps,

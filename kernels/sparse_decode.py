@@ -1,6 +1,7 @@
 """Sparse decode: x_hat = f @ W_dec + b_dec by gathering the decoder rows of active latents.
 
-Reads the encoder's per-token lists (jumprelu_encode.py). One program owns one token and one block
+Reads the per-token lists of kept latents (list_compact.py) and their pre-activations, which the
+encoder stored at [token, latent] (jumprelu_encode.py). One program owns one token and one block
 of output features; it walks the token's kept entries in list order, so x_hat has the same bits on
 every run. b_dec, the residual and the squared error are fused: the program writes x_hat and its
 partial sum of (x_hat - x)^2, which the wrapper sums in a fixed order.
@@ -16,11 +17,11 @@ import triton.language as tl
 
 @triton.jit
 def sparse_decode_kernel(
-    list_idx_ptr, list_pre_ptr, list_cnt_ptr, theta_ptr, w_dec_ptr, b_dec_ptr, x_ptr,
+    list_idx_ptr, pre_ptr, list_cnt_ptr, theta_ptr, w_dec_ptr, b_dec_ptr, x_ptr,
     x_hat_ptr, sq_err_ptr,
-    D, list_row_stride, seg_width,
+    D, W,
     stride_wn, stride_wd, stride_xb, stride_xd, stride_hb, stride_hd,
-    N_SEG: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -28,18 +29,17 @@ def sparse_decode_kernel(
     d_ok = dcols < D
     es = tl.arange(0, BLOCK_E)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for s in range(N_SEG):
-        n = tl.load(list_cnt_ptr + row * N_SEG + s)
-        base = row * list_row_stride + s * seg_width
-        for e0 in range(0, n, BLOCK_E):
-            e_ok = (e0 + es) < n
-            idx = tl.load(list_idx_ptr + base + e0 + es, mask=e_ok, other=0)
-            pre = tl.load(list_pre_ptr + base + e0 + es, mask=e_ok, other=0.0)
-            theta = tl.load(theta_ptr + idx, mask=e_ok, other=0.0).to(tl.float32)
-            f = tl.where(e_ok & (pre > theta), pre, 0.0)
-            w = tl.load(w_dec_ptr + idx.to(tl.int64)[:, None] * stride_wn + dcols[None, :] * stride_wd,
-                        mask=(f != 0.0)[:, None] & d_ok[None, :], other=0.0)
-            acc += tl.sum(f[:, None] * w.to(tl.float32), axis=0)
+    n = tl.load(list_cnt_ptr + row)
+    base = row * W
+    for e0 in range(0, n, BLOCK_E):
+        e_ok = (e0 + es) < n
+        idx = tl.load(list_idx_ptr + base + e0 + es, mask=e_ok, other=0)
+        pre = tl.load(pre_ptr + base + idx, mask=e_ok, other=0.0)
+        theta = tl.load(theta_ptr + idx, mask=e_ok, other=0.0).to(tl.float32)
+        f = tl.where(e_ok & (pre > theta), pre, 0.0)
+        w = tl.load(w_dec_ptr + idx.to(tl.int64)[:, None] * stride_wn + dcols[None, :] * stride_wd,
+                    mask=(f != 0.0)[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(f[:, None] * w.to(tl.float32), axis=0)
     x_hat = acc + tl.load(b_dec_ptr + dcols, mask=d_ok, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + row * stride_xb + dcols * stride_xd, mask=d_ok, other=0.0).to(tl.float32)
     resid = tl.where(d_ok, x_hat - x, 0.0)
@@ -54,12 +54,11 @@ def sparse_decode(enc, theta, W_dec, b_dec, x, *, block_e, block_d, num_warps=4,
     n_d = triton.cdiv(D, block_d)
     x_hat = alloc((B, D), dtype=out_dtype, device=x.device)
     sq_err = alloc((B, n_d), dtype=torch.float32, device=x.device)
-    list_idx = enc["list_idx"]
     sparse_decode_kernel[(B, n_d)](
-        list_idx, enc["list_pre"], enc["list_cnt"], theta, W_dec, b_dec, x, x_hat, sq_err,
-        D, list_idx.stride(0), enc["seg_width"],
+        enc["list_idx"], enc["pre"], enc["list_cnt"], theta, W_dec, b_dec, x, x_hat, sq_err,
+        D, enc["pre"].shape[1],
         W_dec.stride(0), W_dec.stride(1), x.stride(0), x.stride(1), x_hat.stride(0), x_hat.stride(1),
-        N_SEG=enc["n_seg"], BLOCK_E=block_e, BLOCK_D=block_d, num_warps=num_warps,
+        BLOCK_E=block_e, BLOCK_D=block_d, num_warps=num_warps,
     )
     return x_hat, sq_err
 

@@ -24,14 +24,17 @@ def test_kernels_compile_for_sm90_without_spills():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("JSON "))[5:])
     by_name = {row["kernel"]: row for row in rows}
-    assert len(by_name) == 19
+    assert len(by_name) == 20
     for name, row in by_name.items():
         assert row["shared"] <= 227 * 1024, name
         assert row["local"] in (0, None), name
         if name.startswith(("dense_matmul", "jumprelu_encode")):
             assert row["wgmma"], f"{name}: matrix products did not become Hopper wgmma"
-        # Known: the encoder's list-writing epilogue still spills (bf16: 280 B at 64x128 tiles,
-        # more with fp32/tf32 operands); every other kernel must stay spill-free.
-        if not name.startswith("jumprelu_encode"):
+        # Known: with 4-byte (fp32/tf32) operands the encoder spills in its main loop (736 B with
+        # no epilogue at all), and with bf16 its dense_f variant (which also stores f) 128 B.
+        # Every other kernel, the bf16 encoder included, must stay spill-free.
+        if name not in ("jumprelu_encode fp32", "jumprelu_encode fp32 dense_f",
+                        "jumprelu_encode bf16 dense_f"):
             assert row["stack"] == 0, f"{name}: {row['stack']} B stack frame (spills)"
-    assert by_name["jumprelu_encode bf16"]["stack"] <= 512
+    assert by_name["jumprelu_encode bf16 dense_f"]["stack"] <= 256
+    assert by_name["jumprelu_encode fp32"]["stack"] <= 1280

@@ -196,27 +196,49 @@ def test_public_api_dispatches_to_triton(poisoned):
 
 
 def test_encoder_lists(poisoned):
-    """The encoder's lists hold exactly the active or near-threshold latents, in order."""
+    """The encoder stores pre at exactly the active or near-threshold entries and marks them in its
+    bitmask; the compacted per-token lists and the per-latent token lists hold exactly those
+    entries, in increasing order."""
+    from kernels.latent_transpose import latent_transpose
+    from kernels.list_compact import list_compact
     x, (W_enc, b_enc, theta, _, _) = make_problem(35, 22, 75, "mixed", "fp32", 13)
-    enc = enc_mod.jumprelu_encode(x, W_enc, b_enc, theta, BANDWIDTH, n_seg=3, block_m=16,
-                                  block_n=16, block_k=16, alloc=jt._alloc)
+    B, W = x.shape[0], W_enc.shape[1]
+    enc = enc_mod.jumprelu_encode(x, W_enc, b_enc, theta, BANDWIDTH, n_seg=2, block_m=16,
+                                  block_n=32, block_k=16, alloc=jt._alloc)
+    list_compact(enc, block_w=1, alloc=jt._alloc)
     pre, active, kept = enc_mod.jumprelu_encode_reference(x, W_enc, b_enc, theta, BANDWIDTH)
     pre, active, kept = pre.cpu(), active.cpu(), kept.cpu()
-    sw, cnt = enc["seg_width"], enc["list_cnt"].cpu()
-    assert torch.equal(enc["act_cnt"].cpu().sum(1), active.sum(1).int())
+    assert kept[:, 31::32].any(), "the sign bit of the bitmask words is not exercised"
+    words = enc["keep"].cpu().long() & 0xFFFFFFFF
+    bits = (words[:, :, None] >> torch.arange(32)) & 1
+    assert torch.equal(bits.flatten(1)[:, :W].bool(), kept)
+    assert not bits.flatten(1)[:, W:].any()
+    assert torch.allclose(enc["pre"].cpu().double()[kept], pre[kept], atol=1e-5)
     assert torch.equal(enc["col_cnt"].cpu().sum(0), kept.sum(0).int())
     assert torch.equal(enc["fire_cnt"].cpu().sum(0), active.sum(0).int())
-    for b in range(x.shape[0]):
-        for s in range(enc["n_seg"]):
-            n = cnt[b, s].item()
-            idx = enc["list_idx"][b, s, :n].cpu().long()
-            expect = torch.nonzero(kept[b, s * sw:(s + 1) * sw]).flatten() + s * sw
-            assert torch.equal(idx, expect)
-            assert torch.allclose(enc["list_pre"][b, s, :n].cpu().double(), pre[b, idx], atol=1e-5)
-            # rank = number of earlier tokens of the same 16-row block that kept the latent
-            blk = (b // 16) * 16
-            rank = kept[blk:b, idx].sum(0).int()
-            assert torch.equal(enc["list_rank"][b, s, :n].cpu(), rank)
+    assert torch.equal(enc["list_cnt"].cpu(), kept.sum(1).int())
+    for b in range(B):
+        n = enc["list_cnt"][b].item()
+        assert torch.equal(enc["list_idx"][b, :n].cpu().long(), torch.nonzero(kept[b]).flatten())
+    src, col_ptr, col_tot = latent_transpose(enc, W, block_w=1, out=enc["list_idx"],
+                                             alloc=jt._alloc)
+    assert torch.equal(col_tot.cpu(), kept.sum(0).to(col_tot.dtype))
+    for n in range(W):
+        tokens = src[col_ptr[n]:col_ptr[n] + col_tot[n]].cpu().long()
+        assert torch.equal(tokens, torch.nonzero(kept[:, n]).flatten())
+
+
+def test_list_memory_per_slot():
+    """The op's bookkeeping costs 12 bytes per (token, latent) slot (pre, df, and one index list
+    that holds the per-token lists in the forward and the per-latent lists in the backward) plus
+    a bitmask and per-(row block, latent) counts: 12.31 bytes at the CUDA block sizes. The scan
+    epilogue it replaced cost 16.4 (list_idx, list_pre, list_rank, latent_src)."""
+    from kernels import memory
+    for B, D, W in memory.SHAPES:
+        r = memory.report(B, D, W)
+        assert r["bytes_per_slot"] == pytest.approx(12.3145, abs=2e-3), r
+    r = memory.report(4096, 2304, 16384)
+    assert r["bytes"] < 0.83e9
 
 
 def test_second_backward_raises():
