@@ -78,18 +78,18 @@ def jumprelu_encode_kernel(
         pre = acc + bias[None, :]
         valid = row_ok[:, None] & col_ok[None, :]
         active = (pre > theta[None, :]) & valid
-        # Stores ordered so that each mask dies early (register pressure in the epilogue).
-        tl.store(fire_cnt_ptr + pid_m.to(tl.int64) * W + cols,
-                 tl.sum(active.to(tl.int32), axis=0), mask=col_ok)
+        near = (tl.abs(pre - theta[None, :]) < half_bandwidth) & valid
         if DENSE_F:
             f = tl.where(active, pre, 0.0).to(f_ptr.dtype.element_ty)
             tl.store(f_ptr + row_off[:, None] + cols[None, :], f, mask=valid)
-            kept = (tl.abs(pre - theta[None, :]) < half_bandwidth) & valid
+            kept = near
         else:
-            kept = active | ((tl.abs(pre - theta[None, :]) < half_bandwidth) & valid)
+            kept = active | near
         tl.store(pre_ptr + row_off[:, None] + cols[None, :], pre, mask=kept)
         kept_i = kept.to(tl.int32)
         tl.store(col_cnt_ptr + pid_m.to(tl.int64) * W + cols, tl.sum(kept_i, axis=0), mask=col_ok)
+        tl.store(fire_cnt_ptr + pid_m.to(tl.int64) * W + cols,
+                 tl.sum(active.to(tl.int32), axis=0), mask=col_ok)
         # Pack 32 keep flags per word: distinct powers of two, so their sum is their OR (bit 31
         # wraps to the sign bit, which is the bit pattern wanted).
         bits = tl.reshape(kept_i, (BLOCK_M, BLOCK_N // 32, 32)) << lanes[None, None, :]
