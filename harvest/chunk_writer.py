@@ -41,8 +41,21 @@ class ChunkBuffers:
     tokens: np.ndarray
     acts: dict[Site, torch.Tensor]
     stats: dict[Site, torch.Tensor]      # float64 [width + 2]: sum x, sum ||x||^2, rows (non-BOS)
+    storage_dtype: str = "bfloat16"
     index: int = -1
     ready: object = None   # a CUDA event recorded after the chunk's last copy, or None on CPU
+
+    def put(self, site: Site, rows: slice, act: torch.Tensor) -> torch.Tensor:
+        """Store `act` ([rows, width], any float dtype, on the model's device) in rows `rows` of the
+        site's buffer; returns the stored values, on act's device, for the statistics."""
+        host = self.acts[site][rows]
+        if act.device.type == "cpu":
+            stored = from_storage(host, self.storage_dtype)
+            stored.copy_(act)          # one pass: cast straight into the chunk buffer
+            return stored
+        stored = to_storage(act, self.storage_dtype)      # on the device: half the bytes cross the bus
+        host.copy_(stored, non_blocking=True)
+        return from_storage(stored, self.storage_dtype)
 
     @classmethod
     def allocate(cls, layout: CacheLayout, pin: bool) -> "ChunkBuffers":
@@ -51,7 +64,8 @@ class ChunkBuffers:
                 for s, w in zip(layout.sites, layout.widths)}
         stats = {s: torch.zeros(w + 2, dtype=torch.float64, pin_memory=pin)
                  for s, w in zip(layout.sites, layout.widths)}
-        return cls(tokens=np.empty(layout.chunk_rows, dtype=np.int32), acts=acts, stats=stats)
+        return cls(tokens=np.empty(layout.chunk_rows, dtype=np.int32), acts=acts, stats=stats,
+                   storage_dtype=layout.storage_dtype)
 
 
 class ChunkWriter:
