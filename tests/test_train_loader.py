@@ -167,3 +167,21 @@ def test_raw_and_compressed_chunks_serve_the_same_batches(tmp_path):
         batches[codec] = torch.stack([loader.next_batch().clone() for _ in range(40)])
         loader.close()
     assert torch.equal(batches[None], batches["zstd"])
+
+
+@pytest.mark.parametrize("batch,buffer", [(20, 3 * ROWS), (100, ROWS), (64, 4 * ROWS)])
+def test_batches_are_consecutive_cuts_of_the_window_permutations(indexed_cache, batch, buffer):
+    """Each batch holds exactly the rows that the stream of window permutations (epoch after epoch)
+    puts at its positions; only the order inside a batch is free (the readers keep file order)."""
+    loader, _ = make_loader(indexed_cache, seed=5, batch=batch, buffer=buffer)
+    stream = []
+    for epoch in range(3):
+        for w in range(loader.windows_per_epoch):
+            ids = loader.window_chunks(epoch, w)
+            perm = loader.window_permutation(epoch, w, ids)
+            stream.extend(ids[perm // ROWS] * ROWS + perm % ROWS)   # window row -> cache row
+    n_batches = 2 * loader.rows_per_epoch // batch
+    for n in range(n_batches):
+        got = loader.next_batch()[:, 0].long().numpy()
+        np.testing.assert_array_equal(np.sort(got), np.sort(stream[n * batch:(n + 1) * batch]))
+    loader.close()
