@@ -62,10 +62,13 @@ def chunk_files(path: Path, name: str, n_chunks: int) -> list[Path]:
 
 
 def raw_read_rate(files: list[Path], rows_per_file: int) -> float:
+    """Rows/s of plain sequential whole-file reads into one reused buffer (the fastest plain read:
+    `read()` into fresh memory swings with whether the allocator hands back faulted-in pages)."""
+    buf = memoryview(bytearray(max(f.stat().st_size for f in files)))
     start = time.perf_counter()
     for f in files:
-        with open(f, "rb") as fh:
-            fh.read()
+        with open(f, "rb", buffering=0) as fh:
+            fh.readinto(buf)
     return len(files) * rows_per_file / (time.perf_counter() - start)
 
 
