@@ -232,3 +232,35 @@ def test_hydra_multirun_shards_one_sweep_across_processes(cache, tmp_path):
         assert (tmp_path / "sweep" / name / "sae.safetensors").exists(), name
     assert (tmp_path / "sweep" / "checkpoint_shard0of2.pt").exists()
     assert (tmp_path / "sweep" / "checkpoint_shard1of2.pt").exists()
+
+
+def _small_cache(path, **kw):
+    x, _, _ = sparse_feature_activations(16 * 48, 8, 12, 2, seed=1)
+    return write_cache(path, {(3, "mlp_out"): x}, context_length=16, chunk_rows=32, **kw)
+
+
+def test_resume_refuses_another_harvest_written_to_the_same_path(tmp_path):
+    import zarr
+    cache = _small_cache(tmp_path / "cache")
+    run = tmp_path / "run"
+    assert run_training(make_cfg(cache, run, "train.max_steps_this_run=5"), single=True) is None
+    group = zarr.open_group(str(cache), mode="r+")
+    group.attrs["model"] = {"id": "another-model", "revision": "test"}
+    with pytest.raises(ValueError, match="cache_identity"):
+        run_training(make_cfg(cache, run), single=True)
+
+
+def test_resume_keeps_the_normalisation_it_started_with(tmp_path):
+    """A run started while the cache had no statistics (a harvest still running) resumes with the
+    scale it estimated, not the one the finished harvest wrote: same bits as never stopping."""
+    import zarr
+    cache = _small_cache(tmp_path / "cache", write_mean_squared_norm=False)
+    run_training(make_cfg(cache, tmp_path / "full", "train.checkpoint_every_steps=0"), single=True)
+    sliced = tmp_path / "sliced"
+    assert run_training(make_cfg(cache, sliced, "train.max_steps_this_run=5",
+                                 "train.checkpoint_every_steps=0"), single=True) is None
+    zarr.open_group(str(cache), mode="r+")["layer_3/mlp_out"].attrs["mean_squared_norm"] = 123.0
+    assert run_training(make_cfg(cache, sliced, "train.checkpoint_every_steps=0"), single=True) is not None
+    assert weights_bytes(sliced) == weights_bytes(tmp_path / "full")
+    meta = json.loads((sliced / "sae.json").read_text())
+    assert meta["normalisation"]["mean_squared_norm"] != 123.0

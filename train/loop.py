@@ -44,13 +44,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+CACHE_IDENTITY_KEYS = ("model", "checkpoint_hash", "data_source", "n_tokens", "context_length", "chunk_rows",
+                       "bos_token_id", "storage_dtype")
+
+
 def fingerprint(cfg, specs) -> dict:
-    """What must not change between a checkpoint and the run that resumes from it."""
+    """What must not change between a checkpoint and the run that resumes from it. The cache is
+    named by its path and by the group attributes that say what was harvested into it, so that a
+    different harvest written to the same path is not silently trained on."""
     loader = OmegaConf.to_container(cfg.loader)
     loader.pop("num_readers")
     loader.pop("require_complete")
     t = cfg.train
+    attrs = open_cache(cfg.cache).attrs
     return {"cache": str(Path(cfg.cache).resolve()), "layer": cfg.layer, "sublayer": cfg.sublayer,
+            "cache_identity": {k: attrs.get(k) for k in CACHE_IDENTITY_KEYS},
             "loader": loader, "total_tokens": t.total_tokens, "seed": t.seed,
             "dead_window_tokens": t.dead_window_tokens, "latent_stats_every": t.latent_stats_every,
             "members": [[s.name, OmegaConf.to_container(s.cfg.sae), OmegaConf.to_container(s.cfg.optim)]
@@ -72,11 +80,6 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
     if n_complete == 0:
         raise CacheError(f"cache {cfg.cache!r} has no complete chunk")
 
-    msn = source.mean_squared_norm
-    if msn is None:
-        msn = source.estimate_mean_squared_norm()
-        print(f"[train] {source.name} has no mean_squared_norm attribute; estimated {msn:.6g} from a sample")
-    scale = math.sqrt(msn)               # x_normalised = x / scale has E||x||^2 = 1
     device = resolve_device(t.device)
     batch = cfg.loader.batch_size
     total_steps = int(t.total_tokens) // batch
@@ -85,10 +88,24 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
 
     ckpt = load_checkpoint(checkpoint_path) if t.resume else None
     fp = fingerprint(cfg, specs)
-    if ckpt is not None and ckpt["fingerprint"] != fp:
-        changed = sorted(k for k in fp if ckpt["fingerprint"].get(k) != fp[k])
-        raise ValueError(f"{checkpoint_path} was written with a different config (differs in: {', '.join(changed)}). "
-                         "Use another run_dir, or train.resume=false to start over.")
+    if ckpt is not None:
+        # keys added to the fingerprint after a checkpoint was written are not held against it
+        changed = sorted(k for k in fp if k in ckpt["fingerprint"] and ckpt["fingerprint"][k] != fp[k])
+        if changed:
+            raise ValueError(f"{checkpoint_path} was written with a different config (differs in: "
+                             f"{', '.join(changed)}). Use another run_dir, or train.resume=false to start over.")
+
+    msn = ckpt.get("mean_squared_norm") if ckpt else None
+    if msn is not None:
+        if source.mean_squared_norm is not None and source.mean_squared_norm != msn:
+            print(f"[train] the cache's mean_squared_norm is now {source.mean_squared_norm:.6g}; the resumed run "
+                  f"keeps the {msn:.6g} it started with")
+    elif source.mean_squared_norm is not None:
+        msn = source.mean_squared_norm
+    else:
+        msn = source.estimate_mean_squared_norm()
+        print(f"[train] {source.name} has no mean_squared_norm attribute; estimated {msn:.6g} from a sample")
+    scale = math.sqrt(msn)               # x_normalised = x / scale has E||x||^2 = 1
     held = heldout_sequences(source.n_sequences, cfg.loader.heldout_fraction, cfg.loader.heldout_seed)
     chunks = ckpt["loader"]["chunks"] if ckpt else [int(c) for c in source.complete.nonzero()[0]]
     if ckpt and not source.complete[chunks].all():
@@ -118,7 +135,7 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
 
     def checkpoint(step, finished=False, final_metrics=None):
         save_checkpoint(checkpoint_path, {
-            "step": step, "fingerprint": fp, "members": [m.state_dict() for m in members],
+            "step": step, "fingerprint": fp, "mean_squared_norm": msn, "members": [m.state_dict() for m in members],
             "loader": loader.state_dict(), "finished": finished, "final_metrics": final_metrics})
         return step
 
