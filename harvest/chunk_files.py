@@ -67,15 +67,19 @@ class ChunkFiles:
             out = step(out)
         return out
 
-    def write(self, coords: tuple[int, ...], data: np.ndarray, atomic: bool = False) -> int:
+    def write(self, coords: tuple[int, ...], data: np.ndarray, atomic: bool = False, sync: bool = False) -> int:
         """Write chunk `coords`; `atomic` goes through a temporary file and a rename, so that a
-        reader never sees a half-written file (used for the `complete` flags)."""
+        reader never sees a half-written file (used for the `complete` flags); `sync` returns only
+        once the bytes are on the disk (fdatasync)."""
         path = self.folder / self.metadata.encode_chunk_key(coords)
         path.parent.mkdir(parents=True, exist_ok=True)
         blob = self.encode(data)
         target = path.with_name(path.name + ".partial") if atomic else path
         with open(target, "wb") as f:
             f.write(blob)
+            if sync:
+                f.flush()
+                os.fdatasync(f.fileno())
         if atomic:
             os.replace(target, path)
         return len(blob)

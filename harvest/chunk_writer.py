@@ -75,8 +75,8 @@ class ChunkWriter:
     disk falls behind. Errors in the thread are raised in the producer at its next call.
     """
 
-    def __init__(self, group: zarr.Group, layout: CacheLayout, depth: int, pin: bool):
-        self.group, self.layout = group, layout
+    def __init__(self, group: zarr.Group, layout: CacheLayout, depth: int, pin: bool, durable: bool = True):
+        self.group, self.layout, self.durable = group, layout, durable
         self.free: queue.Queue[ChunkBuffers] = queue.Queue()
         for _ in range(depth + 1):
             self.free.put(ChunkBuffers.allocate(layout, pin))
@@ -128,11 +128,12 @@ class ChunkWriter:
     def _write(self, buf: ChunkBuffers) -> None:
         if buf.ready is not None:
             buf.ready.synchronize()
-        c = buf.index
-        self.tokens.write((c,), buf.tokens)
+        c, sync = buf.index, self.durable
+        self.tokens.write((c,), buf.tokens, sync=sync)
         for site, files in self.arrays.items():
             data = buf.acts[site].numpy()
-            self.bytes_written += files.write((c, 0), data.view(np.uint16) if self.layout.storage_dtype == "bfloat16" else data)
+            data = data.view(np.uint16) if self.layout.storage_dtype == "bfloat16" else data
+            self.bytes_written += files.write((c, 0), data, sync=sync)
         for site, files in self.stats_arrays.items():
-            files.write((c, 0), buf.stats[site].numpy()[None])
+            files.write((c, 0), buf.stats[site].numpy()[None], sync=sync)
         self.complete.write((c,), np.ones(1, dtype=bool), atomic=True)

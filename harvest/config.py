@@ -61,6 +61,9 @@ class HarvestConfig:
     codec: str = "none"                   # none | zstd | blosc
     checksum: bool = False                # crc32c on every chunk
     write_queue: int = 2                  # chunks in flight to the background writer
+    # fdatasync every chunk's files before its `complete` flag: a power loss or kernel crash then
+    # cannot leave a flag over data that never reached the disk (SIGKILL is safe either way).
+    durable: bool = True
     device: str = "auto"                  # auto | cpu | cuda
     progress: bool = True
     # Refuse to start unless the disk keeps this much free after the cache is written.
@@ -108,4 +111,4 @@ def validate(cfg: HarvestConfig) -> None:
 
 
 # Fields that do not change the cache's bytes: a resumed harvest may differ in these.
-RUNTIME_ONLY_FIELDS = ("write_queue", "device", "progress", "min_free_bytes")
+RUNTIME_ONLY_FIELDS = ("write_queue", "device", "progress", "min_free_bytes", "durable")

@@ -162,7 +162,7 @@ def _harvest_chunks(cfg, layout, group, model, bos, device, first, sequences, to
     per_chunk = R // ctx
     batch = batch_sequences(cfg.batch_tokens, ctx)
     pin = device.type == "cuda"
-    writer = ChunkWriter(group, layout, depth=cfg.write_queue, pin=pin)
+    writer = ChunkWriter(group, layout, depth=cfg.write_queue, pin=pin, durable=cfg.durable)
     bar = tqdm(total=len(todo) * R, unit="tok", unit_scale=True, disable=not show, dynamic_ncols=True,
                desc="harvest")
     stream = _chain(first, sequences)

@@ -3,6 +3,7 @@ byte-identical to an uninterrupted one."""
 from __future__ import annotations
 
 import errno
+import re
 import subprocess
 import sys
 
@@ -95,3 +96,44 @@ def test_finished_harvest_run_again_changes_nothing(reference, tmp_path):
     harvest_inprocess(cache)
     harvest_inprocess(cache)
     assert tree_digest(cache) == reference
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_chunk_files_reach_the_disk_before_their_complete_flag(tmp_path, monkeypatch, durable):
+    """durable=true (the default): every file of a chunk is fdatasync'ed before its `complete` flag
+    is renamed into place, so a power loss cannot leave a flag over data the disk never got."""
+    import os
+    from harvest import chunk_files
+    events = []
+    real_sync, real_replace = os.fdatasync, os.replace
+
+    def record_sync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if str(cache) in path:
+            events.append(("sync", path))
+        real_sync(fd)
+
+    def record_replace(src, dst):
+        if re.search(r"/complete/c/\d+$", str(dst)):     # a chunk's flag, not zarr's metadata
+            events.append(("flag", str(dst)))
+        real_replace(src, dst)
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(chunk_files.os, "fdatasync", record_sync)
+    monkeypatch.setattr(chunk_files.os, "replace", record_replace)
+    harvest_inprocess(cache, [f"durable={str(durable).lower()}"])
+    flags = [i for i, (kind, _) in enumerate(events) if kind == "flag"]
+    assert len(flags) == 8                                          # SMALL: 8 chunks
+    synced = [p for kind, p in events if kind == "sync"]
+    if not durable:
+        assert synced == []
+        return
+    group = zarr.open_group(str(cache), mode="r")
+    per_chunk = 1 + 2 * len(group.attrs["sites"])                  # tokens, activations, chunk_stats
+    start = 0
+    for i in flags:
+        chunk = events[start:i]
+        assert len(chunk) == per_chunk and all(kind == "sync" for kind, _ in chunk), chunk
+        c = events[i][1].rsplit("/", 1)[-1]
+        assert all(p.rstrip("/").split("/c/")[-1].split("/")[0] == c for _, p in chunk)   # this chunk's files
+        start = i + 1
