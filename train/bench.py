@@ -72,9 +72,9 @@ def raw_read_rate(files: list[Path], rows_per_file: int) -> float:
     return len(files) * rows_per_file / (time.perf_counter() - start)
 
 
-def loader_rate(source, batch: int, buffer_tokens: int, readers: int, seed: int, epochs: int = 3) -> float:
+def loader_rate(source, batch: int, buffer_tokens: int, readers: int, seed: int, epochs: int = 3) -> tuple[float, int]:
     """Tokens/s served over `epochs` epochs after the first (steady state: the first epoch touches
-    fresh buffer pages)."""
+    fresh buffer pages), and the reader threads the loader used."""
     loader = ChunkLoader(source, np.arange(source.n_chunks), [], batch, buffer_tokens, seed, readers)
     while loader.epoch == 0:
         loader.next_batch()
@@ -84,7 +84,7 @@ def loader_rate(source, batch: int, buffer_tokens: int, readers: int, seed: int,
         served += batch
     rate = served / (time.perf_counter() - start)
     loader.close()
-    return rate
+    return rate, loader.num_readers
 
 
 def _matches(path: Path, d: int, n_chunks: int, chunk_rows: int) -> bool:
@@ -106,12 +106,13 @@ def bench_loader(args, out: Path) -> dict:
     raw, shuffled, ratios = [], [], []
     for i in range(args.repeats):         # alternated pairs: the machine may be shared
         raw.append(float(np.median([raw_read_rate(files, args.chunk_rows) for _ in range(3)])))
-        shuffled.append(loader_rate(source, args.batch, args.buffer_tokens, args.readers, seed=i))
+        rate, threads = loader_rate(source, args.batch, args.buffer_tokens, args.readers, seed=i)
+        shuffled.append(rate)
         # the loader skips BOS rows (1 / ctx) but reads them: compare rows read per second
         ratios.append(shuffled[-1] * args.ctx / (args.ctx - 1) / raw[-1])
     raw_rate, loader = float(np.median(raw)), float(np.median(shuffled))
     return {"d": args.d, "chunks": args.chunks, "chunk_rows": args.chunk_rows, "batch": args.batch,
-            "buffer_tokens": args.buffer_tokens, "readers": args.readers,
+            "buffer_tokens": args.buffer_tokens, "readers": args.readers, "reader_threads": threads,
             "bytes": int(sum(f.stat().st_size for f in files)),
             "raw_tokens_per_s": raw_rate, "loader_tokens_per_s": loader,
             "loader_rows_read_per_s": loader * args.ctx / (args.ctx - 1),
@@ -182,7 +183,7 @@ def main(argv=None):
     lo = result["loader"]
     print(f"[bench] loader: raw sequential reads {lo['raw_tokens_per_s']:,.0f} tok/s, shuffled loader "
           f"{lo['loader_tokens_per_s']:,.0f} tok/s served ({lo['loader_rows_read_per_s']:,.0f} rows read/s): "
-          f"ratio {lo['ratio']:.2f} (median of {args.repeats} pairs, {lo['ratio_min']:.2f} to {lo['ratio_max']:.2f}; "
+          f"ratio {lo['ratio']:.2f} ({lo['reader_threads']} reader threads; median of {args.repeats} pairs, {lo['ratio_min']:.2f} to {lo['ratio_max']:.2f}; "
           "target >= 0.8)")
     if not args.skip_sweep:
         result["sweep"] = sw = bench_sweep(args, out)
