@@ -170,6 +170,8 @@ class ChunkLoader:
         served_at[order] = np.arange(len(order))
         rows = np.sort(order)
         batch = (self.window_phase(epoch, window) + served_at[rows]) // self.batch_size
+        if batch[-1] < 2**15:
+            batch = batch.astype(np.int16)      # numpy's stable sort of int16 is a radix sort: 4x faster
         slots = np.full(len(served_at), -1, dtype=np.int64)
         slots[rows[np.argsort(batch, kind="stable")]] = np.arange(len(order))
         return slots
