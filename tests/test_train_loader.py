@@ -185,3 +185,21 @@ def test_batches_are_consecutive_cuts_of_the_window_permutations(indexed_cache, 
         got = loader.next_batch()[:, 0].long().numpy()
         np.testing.assert_array_equal(np.sort(got), np.sort(stream[n * batch:(n + 1) * batch]))
     loader.close()
+
+
+def test_windows_of_more_than_32767_batches(tmp_path):
+    """Batch indices inside one window beyond the int16 range: with batch 1, serving order must be
+    the window's permutation itself."""
+    n = 1024 * 40
+    acts = np.arange(n, dtype=np.float32)[:, None]
+    path = write_cache(tmp_path / "big", {(0, "mlp_out"): acts}, context_length=64, chunk_rows=1024,
+                       storage_dtype="float32")
+    source = open_activations(path, 0, "mlp_out")
+    loader = ChunkLoader(source, np.arange(40), [], 1, n, seed=6, num_readers=1)
+    ids = loader.window_chunks(0, 0)
+    perm = loader.window_permutation(0, 0, ids)
+    assert len(perm) > 2**15
+    slots = loader.window_slots(0, 0, ids)
+    served = np.flatnonzero(slots >= 0)[np.argsort(slots[slots >= 0])]     # window row of buffer row k
+    np.testing.assert_array_equal(served, perm)
+    loader.close()

@@ -169,8 +169,9 @@ class ChunkLoader:
         served_at = np.empty(len(chunk_ids) * self.source.chunk_rows, dtype=np.int64)
         served_at[order] = np.arange(len(order))
         rows = np.sort(order)
-        batch = (self.window_phase(epoch, window) + served_at[rows]) // self.batch_size
-        if batch[-1] < 2**15:
+        phase = self.window_phase(epoch, window)
+        batch = (phase + served_at[rows]) // self.batch_size
+        if (phase + len(order) - 1) // self.batch_size < 2**15:      # the largest batch index
             batch = batch.astype(np.int16)      # numpy's stable sort of int16 is a radix sort: 4x faster
         slots = np.full(len(served_at), -1, dtype=np.int64)
         slots[rows[np.argsort(batch, kind="stable")]] = np.arange(len(order))
