@@ -120,3 +120,23 @@ def test_scatter_read_reports_a_short_file(tmp_path):
     with pytest.raises(IndexError):
         with open(path, "rb", buffering=0) as f:
             sr.scatter_read(f.fileno(), np.array([0, 12]), out)
+
+
+@pytest.mark.parametrize("codec", [None, "zstd"])
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_complete_chunk_with_a_missing_or_short_file_is_refused(tmp_path, codec, damage):
+    """zarr reads a missing chunk as zeros; the trainer must refuse instead of training on them."""
+    acts = np.random.default_rng(3).standard_normal((96, 5)).astype(np.float32)
+    path = write_cache(tmp_path / "c", {(0, "mlp_out"): acts}, context_length=8, chunk_rows=32, codec=codec)
+    src = open_activations(path, 0, "mlp_out")
+    victim = src.chunk_path(1)
+    if damage == "delete":
+        victim.unlink()
+    else:
+        if codec is not None:
+            pytest.skip("a truncated compressed chunk fails in its codec, not here")
+        victim.write_bytes(victim.read_bytes()[:100])
+    out = np.empty((32, 5), dtype=np.uint16)
+    src.read_chunk_into(0, out)                                   # the intact chunks still read
+    with pytest.raises(CacheError, match="chunk 1 of layer_0/mlp_out is marked complete"):
+        src.read_chunk_into(1, out)

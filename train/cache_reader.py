@@ -105,19 +105,35 @@ class ActivationArray:
 
     raw_layout: bool = field(default=False)  # chunk files hold the bare little-endian array bytes
 
+    def chunk_path(self, c: int) -> Path | None:
+        """The file of chunk c in a local store (None for other stores)."""
+        root = getattr(self.array.store, "root", None)
+        if root is None:
+            return None
+        return Path(root) / self.array.path / self.array.metadata.chunk_key_encoding.encode_chunk_key((c, 0))
+
     def raw_chunk_path(self, c: int) -> Path | None:
         """The file of chunk c when it holds the chunk's bytes as they are (no codec but `bytes`, a
-        local store, no sharding): then it can be read straight into a buffer. None otherwise."""
+        local store, no sharding): then it can be read straight into a buffer. None otherwise.
+
+        Raises CacheError when the file is missing or has the wrong size: zarr would read a missing
+        chunk as zeros, and a chunk marked complete must never train on zeros silently."""
         if not self.raw_layout:
             return None
-        key = self.array.metadata.chunk_key_encoding.encode_chunk_key((c, 0))
-        path = Path(self.array.store.root) / self.array.path / key
+        path = self.chunk_path(c)
+        want = self.chunk_rows * self.width * np.dtype(self.numpy_dtype).itemsize
         try:
-            if path.stat().st_size != self.chunk_rows * self.width * np.dtype(self.numpy_dtype).itemsize:
-                return None
+            size = path.stat().st_size
         except OSError:
-            return None
+            size = None
+        if size != want:
+            raise self._damaged(c, path, "missing" if size is None else f"{size} bytes, expected {want}")
         return path
+
+    def _damaged(self, c: int, path: Path, what: str) -> CacheError:
+        return CacheError(f"{self.cache_path}: chunk {c} of {self.name} is marked complete but its file {path} "
+                          f"is {what}: the cache is damaged. Delete that chunk's `complete/c/{c}` flag and run "
+                          "the same harvest again to rewrite it.")
 
     def read_chunk_into(self, c: int, out: np.ndarray, slots: np.ndarray | None = None) -> None:
         """Chunk c into `out` (a C-contiguous [rows, width] buffer of the stored dtype): chunk row i to
@@ -132,6 +148,8 @@ class ActivationArray:
             with open(path, "rb", buffering=0) as f:
                 if scatter_read(f.fileno(), slots, out):
                     return
+        elif (local := self.chunk_path(c)) is not None and not local.exists():
+            raise self._damaged(c, local, "missing")
         keep = slots >= 0
         out[slots[keep]] = self.read_chunk_numpy(c)[keep]
 
