@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Run ON the lent GPU machine, from the repo root, one stage per device call (each fits in its
-# 10 minutes):   scripts/gpu_checks.sh tests | kernels | train | harvest
+# 10 minutes):   scripts/gpu_checks.sh tests | kernels | breakdown | train | harvest
 # The device call carries .whl (fetched here first by scripts/gpu_wheels.sh). Logs and JSON results
 # go to $OUT (the device tool's return folder), else bench_out/gpu. The machine has no internet:
 # everything runs on its own python3 (torch, triton, transformers) plus the carried wheels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: scripts/gpu_checks.sh tests|kernels|train|harvest}
+stage=${1:?usage: scripts/gpu_checks.sh tests|kernels|breakdown|train|harvest}
 out=${OUT:-bench_out/gpu}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -20,11 +20,17 @@ py=${PY:-python3}
 case "$stage" in
   tests)     # bf16/tf32 kernels against float64, determinism, no host sync; the CUDA loader; the
              # bf16 flex_attention harvest; the trainer's loss curve with both backends on CUDA
-    $py -m pytest -q -ra -m gpu tests 2>&1 | tee "$out/gpu_tests.log"
+    timeout 400 $py -m pytest -q -ra -m gpu tests 2>&1 | tee "$out/gpu_tests.log"
     $py -m pytest -q -ra tests/test_kernels_trainer.py 2>&1 | tee -a "$out/gpu_tests.log"
     $py -m kernels.compile_check 2>&1 | tee "$out/compile_check.txt" ;;
-  kernels)   $py -m kernels.bench --breakdown --out "$out" 2>&1 | tee "$out/kernels_bench.log" ;;
-  train)     $py -m train.bench --out "$out/train" 2>&1 | tee "$out/train_bench.log" ;;
-  harvest)   $py -m harvest.bench --out "$out/harvest" 2>&1 | tee "$out/harvest_bench.log" ;;
+  kernels)   timeout 580 $py -m kernels.bench --out "$out/kernels.json" 2>&1 | tee "$out/kernels_bench.log" ;;
+  breakdown) timeout 580 $py -m kernels.bench --breakdown --skip-shapes --out "$out/kernels_breakdown.json" 2>&1 \
+               | tee "$out/kernels_breakdown.log" ;;
+  train)     # scratch caches stay out of $OUT (it all travels back); only the results are copied
+    timeout 580 $py -m train.bench --out bench_out/gpu_train 2>&1 | tee "$out/train_bench.log"
+    cp bench_out/gpu_train/train_bench.json "$out/" ;;
+  harvest)   # first builds the random-weight gemma-2-2b checkpoint (about 10 GB) in .cache/models
+    timeout 580 $py -m harvest.bench --out bench_out/gpu_harvest 2>&1 | tee "$out/harvest_bench.log"
+    cp bench_out/gpu_harvest/harvest_bench.json "$out/" ;;
   *)         echo "unknown stage $stage"; exit 2 ;;
 esac
