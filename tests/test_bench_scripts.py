@@ -1,0 +1,28 @@
+"""`make bench`'s scripts run end to end on small settings and write their results (the figures
+themselves are for BENCHMARKS.md, not for tests)."""
+import json
+import sys
+
+from tests.harvest_util import REPO
+
+
+def test_harvest_bench_runs_and_reports_its_ratio(tmp_path, monkeypatch):
+    from harvest import bench
+    monkeypatch.setattr(sys, "argv", ["bench", "--out", str(tmp_path), "--tokens", "8192", "--repeats", "1"])
+    monkeypatch.chdir(REPO)
+    bench.main()
+    result = json.loads((tmp_path / "harvest_bench.json").read_text())
+    assert result["tokens"] == 8192 and result["durable"] is True
+    med = result["seconds_median"]
+    assert result["harvest_over_limit"] == med["harvest"] / max(med["forward"], med["write"])
+    assert not (tmp_path / "harvest_cache").exists()          # its scratch cache is removed
+
+
+def test_train_bench_runs_and_reports_both_figures(tmp_path):
+    from train import bench
+    result = bench.main(["--out", str(tmp_path), "--d", "64", "--chunks", "4", "--chunk-rows", "512",
+                         "--batch", "256", "--buffer-tokens", "1024", "--repeats", "1", "--k", "2",
+                         "--sweep-d", "16", "--sweep-width", "32", "--sweep-batch", "64", "--sweep-steps", "3"])
+    assert (tmp_path / "train_bench.json").exists()
+    assert result["loader"]["ratio"] > 0 and result["loader"]["reader_threads"] >= 1
+    assert result["sweep"]["k"] == 2 and result["sweep"]["speedup"] > 0
