@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,8 +76,11 @@ class ChunkWriter:
     disk falls behind. Errors in the thread are raised in the producer at its next call.
     """
 
-    def __init__(self, group: zarr.Group, layout: CacheLayout, depth: int, pin: bool, durable: bool = True):
+    def __init__(self, group: zarr.Group, layout: CacheLayout, depth: int, pin: bool, durable: bool = True,
+                 threads: int = 1):
         self.group, self.layout, self.durable = group, layout, durable
+        # a chunk's files are independent: several threads copy into the page cache (and sync) at once
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="chunk-file-writer") if threads > 1 else None
         self.free: queue.Queue[ChunkBuffers] = queue.Queue()
         for _ in range(depth + 1):
             self.free.put(ChunkBuffers.allocate(layout, pin))
@@ -115,6 +119,8 @@ class ChunkWriter:
         self.todo.put(None)
         while self.thread.is_alive():
             self.thread.join(timeout=0.5)
+        if self.pool is not None:
+            self.pool.shutdown()
         self._check()
 
     def _run(self) -> None:
@@ -128,12 +134,16 @@ class ChunkWriter:
     def _write(self, buf: ChunkBuffers) -> None:
         if buf.ready is not None:
             buf.ready.synchronize()
-        c, sync = buf.index, self.durable
-        self.tokens.write((c,), buf.tokens, sync=sync)
-        for site, files in self.arrays.items():
+        c, bf16 = buf.index, self.layout.storage_dtype == "bfloat16"
+        files = [(self.tokens, (c,), buf.tokens)]
+        for site, array_files in self.arrays.items():
             data = buf.acts[site].numpy()
-            data = data.view(np.uint16) if self.layout.storage_dtype == "bfloat16" else data
-            self.bytes_written += files.write((c, 0), data, sync=sync)
-        for site, files in self.stats_arrays.items():
-            files.write((c, 0), buf.stats[site].numpy()[None], sync=sync)
-        self.complete.write((c,), np.ones(1, dtype=bool), atomic=True)
+            files.append((array_files, (c, 0), data.view(np.uint16) if bf16 else data))
+        files += [(f, (c, 0), buf.stats[site].numpy()[None]) for site, f in self.stats_arrays.items()]
+
+        def write(job):
+            target, coords, data = job
+            return target.write(coords, data, sync=self.durable)
+        sizes = list(self.pool.map(write, files) if self.pool is not None else map(write, files))
+        self.bytes_written += sum(sizes[1:1 + len(self.arrays)])
+        self.complete.write((c,), np.ones(1, dtype=bool), atomic=True)    # only once every file is written

@@ -64,6 +64,8 @@ class HarvestConfig:
     # fdatasync every chunk's files before its `complete` flag: a power loss or kernel crash then
     # cannot leave a flag over data that never reached the disk (SIGKILL is safe either way).
     durable: bool = True
+    # Threads writing one chunk's files; 0: one on CPU (the forward needs the cores), up to 8 on CUDA.
+    write_threads: int = 0
     device: str = "auto"                  # auto | cpu | cuda
     progress: bool = True
     # Refuse to start unless the disk keeps this much free after the cache is written.
@@ -102,13 +104,14 @@ def validate(cfg: HarvestConfig) -> None:
         value = getattr(cfg, name)
         if value not in allowed and not (name == "device" and str(value).startswith("cuda:")):
             raise HarvestConfigError(f"{name}={value!r}: choose one of {', '.join(allowed)}")
-    for name in ("n_tokens", "chunk_tokens", "batch_tokens", "write_queue"):
-        if getattr(cfg, name) < (0 if name == "write_queue" else 1):
-            raise HarvestConfigError(f"{name}={getattr(cfg, name)} must be positive")
+    for name in ("n_tokens", "chunk_tokens", "batch_tokens", "write_queue", "write_threads"):
+        least = 0 if name in ("write_queue", "write_threads") else 1
+        if getattr(cfg, name) < least:
+            raise HarvestConfigError(f"{name}={getattr(cfg, name)} must be at least {least}")
     ctx = cfg.context_length or cfg.model.context_length
     if ctx < 2:
         raise HarvestConfigError(f"context_length={ctx}: need at least 2 (BOS and one token)")
 
 
 # Fields that do not change the cache's bytes: a resumed harvest may differ in these.
-RUNTIME_ONLY_FIELDS = ("write_queue", "device", "progress", "min_free_bytes", "durable")
+RUNTIME_ONLY_FIELDS = ("write_queue", "device", "progress", "min_free_bytes", "durable", "write_threads")

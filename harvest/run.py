@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -83,8 +84,10 @@ def run_harvest(cfg: HarvestConfig) -> dict:
     if first is None:
         raise CorpusTooSmall(f"the corpus ({describe(cfg.data)}) does not fill one sequence of {ctx} tokens")
 
-    # The cache's own path is left out: a cache may be moved, and stays byte-identical to its twin.
-    harvest_config = {k: v for k, v in asdict(cfg).items() if k != "cache"} | {
+    # The cache's own path and how this run was executed (threads, queue, syncing, device choice,
+    # progress bar) are left out: a cache may be moved or made differently, and stays byte-identical
+    # to its twin.
+    harvest_config = {k: v for k, v in asdict(cfg).items() if k != "cache" and k not in RUNTIME_ONLY_FIELDS} | {
         "n_tokens": n_tokens, "context_length": ctx}
     attrs = {
         "format_version": FORMAT_VERSION,
@@ -162,7 +165,8 @@ def _harvest_chunks(cfg, layout, group, model, bos, device, first, sequences, to
     per_chunk = R // ctx
     batch = batch_sequences(cfg.batch_tokens, ctx)
     pin = device.type == "cuda"
-    writer = ChunkWriter(group, layout, depth=cfg.write_queue, pin=pin, durable=cfg.durable)
+    threads = cfg.write_threads or (1 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) // 2)))
+    writer = ChunkWriter(group, layout, depth=cfg.write_queue, pin=pin, durable=cfg.durable, threads=threads)
     bar = tqdm(total=len(todo) * R, unit="tok", unit_scale=True, disable=not show, dynamic_ncols=True,
                desc="harvest")
     stream = _chain(first, sequences)

@@ -137,3 +137,9 @@ def test_chunk_files_reach_the_disk_before_their_complete_flag(tmp_path, monkeyp
         c = events[i][1].rsplit("/", 1)[-1]
         assert all(p.rstrip("/").split("/c/")[-1].split("/")[0] == c for _, p in chunk)   # this chunk's files
         start = i + 1
+
+
+def test_several_writer_threads_write_the_same_bytes(reference, tmp_path):
+    cache = tmp_path / "cache"
+    harvest_inprocess(cache, ["write_threads=4"])
+    assert tree_digest(cache) == reference
