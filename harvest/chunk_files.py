@@ -67,11 +67,25 @@ class ChunkFiles:
             out = step(out)
         return out
 
+    def path(self, coords: tuple[int, ...]) -> Path:
+        return self.folder / self.metadata.encode_chunk_key(coords)
+
+    def encoded_size(self) -> int | None:
+        """The size of every chunk file when no compressor changes it (bytes, plus 4 for crc32c)."""
+        from zarr.codecs import BytesCodec, Crc32cCodec
+        extra = 0
+        for codec in self.metadata.codecs:
+            if isinstance(codec, Crc32cCodec):
+                extra += 4
+            elif not isinstance(codec, BytesCodec):
+                return None
+        return int(np.prod(self.chunk_shape)) * self.dtype.itemsize + extra
+
     def write(self, coords: tuple[int, ...], data: np.ndarray, atomic: bool = False, sync: bool = False) -> int:
         """Write chunk `coords`; `atomic` goes through a temporary file and a rename, so that a
         reader never sees a half-written file (used for the `complete` flags); `sync` returns only
         once the bytes are on the disk (fdatasync)."""
-        path = self.folder / self.metadata.encode_chunk_key(coords)
+        path = self.path(coords)
         path.parent.mkdir(parents=True, exist_ok=True)
         blob = self.encode(data)
         target = path.with_name(path.name + ".partial") if atomic else path

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import zarr
 
@@ -143,3 +144,40 @@ def test_several_writer_threads_write_the_same_bytes(reference, tmp_path):
     cache = tmp_path / "cache"
     harvest_inprocess(cache, ["write_threads=4"])
     assert tree_digest(cache) == reference
+
+
+def test_verify_finds_damaged_chunks_and_repair_lets_the_harvest_rewrite_them(reference, tmp_path, capsys):
+    from harvest.chunk_files import ChunkFiles
+    from harvest.verify import main as verify_main, verify_cache
+    cache = tmp_path / "cache"
+    harvest_inprocess(cache)
+    assert verify_cache(cache, deep=True) == {}
+    group = zarr.open_group(str(cache), mode="r")
+    sites = group.attrs["sites"]
+    ChunkFiles(group[sites[3]]).path((2, 0)).unlink()                              # a lost file
+    short = ChunkFiles(group["tokens"]).path((5,))
+    short.write_bytes(short.read_bytes()[:10])                                     # a truncated one
+    damaged = verify_cache(cache)
+    assert sorted(damaged) == [2, 5]
+    assert damaged[2] == [f"{sites[3]}: file missing"] and "bytes, expected" in damaged[5][0]
+    assert verify_main([str(cache), "--repair"]) == 1
+    assert "2 damaged chunk(s)" in capsys.readouterr().out
+    assert list(np.flatnonzero(~zarr.open_group(str(cache), mode="r")["complete"][:])) == [2, 5]
+    harvest_inprocess(cache)                                                       # the same command
+    assert verify_main([str(cache), "--deep"]) == 0
+    assert tree_digest(cache) == reference
+
+
+def test_deep_verify_catches_a_corrupted_compressed_chunk(tmp_path):
+    from harvest.chunk_files import ChunkFiles
+    from harvest.verify import verify_cache
+    cache = tmp_path / "cache"
+    harvest_inprocess(cache, ["codec=zstd", "checksum=true"])
+    group = zarr.open_group(str(cache), mode="r")
+    f = ChunkFiles(group[group.attrs["sites"][0]]).path((4, 0))
+    blob = bytearray(f.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF                                   # one flipped byte, same size
+    f.write_bytes(bytes(blob))
+    assert verify_cache(cache) == {}                               # sizes alone cannot tell
+    damaged = verify_cache(cache, deep=True)
+    assert list(damaged) == [4] and "does not decode" in damaged[4][0]

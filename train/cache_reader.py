@@ -132,8 +132,8 @@ class ActivationArray:
 
     def _damaged(self, c: int, path: Path, what: str) -> CacheError:
         return CacheError(f"{self.cache_path}: chunk {c} of {self.name} is marked complete but its file {path} "
-                          f"is {what}: the cache is damaged. Delete that chunk's `complete/c/{c}` flag and run "
-                          "the same harvest again to rewrite it.")
+                          f"is {what}: the cache is damaged. `python -m harvest.verify {self.cache_path} --repair` "
+                          "finds every damaged chunk and unflags it; the same harvest command then rewrites them.")
 
     def read_chunk_into(self, c: int, out: np.ndarray, slots: np.ndarray | None = None) -> None:
         """Chunk c into `out` (a C-contiguous [rows, width] buffer of the stored dtype): chunk row i to
