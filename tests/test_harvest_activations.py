@@ -21,10 +21,10 @@ def one_process_cache(tmp_path_factory):
     return cache
 
 
-def oracle_activations(tokens: np.ndarray, ctx: int, batch: int) -> dict[str, np.ndarray]:
+def oracle_activations(tokens: np.ndarray, ctx: int, batch: int, overrides=()) -> dict[str, np.ndarray]:
     """Every sublayer of every layer from a plain transformers forward, as float32."""
     from transformers import Gemma2ForCausalLM
-    cfg = harvest_config([]).model
+    cfg = harvest_config(list(overrides)).model
     model = Gemma2ForCausalLM.from_pretrained(ensure_checkpoint(cfg.name, dict(cfg.architecture)),
                                               attn_implementation="eager", dtype=torch.float32).eval()
     n_layers = model.config.num_hidden_layers
@@ -66,7 +66,7 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
     return torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
 
-def assert_matches_oracle(cache):
+def assert_matches_oracle(cache, overrides=()):
     group = zarr.open_group(str(cache), mode="r")
     attrs = dict(group.attrs)
     assert group["complete"][:].all()
@@ -74,7 +74,7 @@ def assert_matches_oracle(cache):
     ctx = attrs["context_length"]
     assert (tokens.reshape(-1, ctx)[:, 0] == attrs["bos_token_id"]).all()
     assert (tokens.reshape(-1, ctx)[:, 1:] != attrs["bos_token_id"]).all()
-    oracle = oracle_activations(tokens, ctx, attrs["harvest_config"]["batch_tokens"] // ctx)
+    oracle = oracle_activations(tokens, ctx, attrs["harvest_config"]["batch_tokens"] // ctx, overrides)
     checked = 0
     for L in range(4):
         for sub in SUBLAYERS:
@@ -88,6 +88,18 @@ def assert_matches_oracle(cache):
 
 def test_activations_equal_eager_forward_one_process(one_process_cache):
     assert_matches_oracle(one_process_cache)
+
+
+def test_attention_width_unlike_the_residual_width(tmp_path):
+    """attn_z is heads x head_dim wide (2048 against 2304 in Gemma 2 2B); the tiny model has them
+    equal, so a variant with head_dim 8 (attn_z 32 wide, residual 64) checks every site's width and
+    values."""
+    overrides = ["model.architecture.head_dim=8", "model.architecture.query_pre_attn_scalar=8"]
+    cache = tmp_path / "cache"
+    harvest_inprocess(cache, overrides)
+    group = zarr.open_group(str(cache), mode="r")
+    assert group["layer_0/attn_z"].shape[1] == 32 and group["layer_0/attn_out"].shape[1] == 64
+    assert_matches_oracle(cache, overrides)
 
 
 def test_statistics_exclude_bos(one_process_cache):
