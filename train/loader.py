@@ -37,9 +37,8 @@ class BufferPool:
     def acquire(self) -> torch.Tensor:
         with self.lock:
             item = self.free.pop() if self.free else None
-        if item is None:
-            t = torch.empty(self.shape, dtype=self.dtype)
-            return t.pin_memory() if self.pinned else t
+        if item is None:        # pinned from the start: no pageable copy of a multi-GB window
+            return torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pinned)
         buf, done = item
         if done is not None:
             done.synchronize()
