@@ -3,8 +3,9 @@
 A harvest cannot beat the slower of (a) the bare forward pass of the same model on the same tokens,
 truncated at the same layer, and (b) writing the same bytes to the same disk with plain sequential
 file writes (fsynced before the clock stops, since the harvest by default fdatasyncs every chunk).
-Reported: harvest / max(forward, write). CPU: the tiny model, every sublayer of every layer. GPU: random weights of gemma-2-2b's shape, three sublayers of every layer (Gemma Scope's
-att, mlp and res sites).
+Reported: harvest / max(forward, write). CPU: the tiny model, every sublayer of every layer. GPU:
+random weights of gemma-2-2b's shape, three sublayers of every layer (Gemma Scope's att, mlp and res
+sites).
 """
 from __future__ import annotations
 
