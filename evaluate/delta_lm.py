@@ -1,10 +1,12 @@
 """Delta LM loss: the model's next-token loss with an SAE's reconstruction spliced in at its site.
 
-Three forwards per batch of held-out sequences: clean, spliced (the site's activation replaced by the
-SAE's reconstruction) and zero-ablated (replaced by zeros). BOS positions are never touched: their
-activations are outliers no SAE is trained on. Reported: the cross-entropy of each, the increase
-over clean, the fraction of loss recovered (CE_zero - CE_spliced) / (CE_zero - CE_clean), and the
-mean per-token KL(clean || spliced).
+Per batch of held-out sequences: a clean forward, a zero-ablated one (the site's activation replaced
+by zeros), a mean-ablated one (replaced by the site's mean activation over held-out non-BOS tokens:
+the stronger baseline) and one spliced forward per SAE (replaced by its reconstruction). BOS
+positions are never touched: their activations are outliers no SAE is trained on. Reported: the
+cross-entropy of each, the increase over clean, the fraction of loss recovered against zero-ablation
+(CE_zero - CE_spliced) / (CE_zero - CE_clean) and against mean-ablation, and mean per-token
+KL(clean || variant).
 """
 from __future__ import annotations
 
@@ -32,8 +34,25 @@ class DeltaLMResult:
     fraction_recovered: float    # (ce_zero - ce_spliced) / (ce_zero - ce_clean)
     kl_spliced: float            # mean over predictions of KL(clean || spliced)
     kl_zero: float               # mean over predictions of KL(clean || zero-ablated)
+    ce_mean: float = float("nan")                 # mean-ablated (nan: no mean activation given)
+    fraction_recovered_mean: float = float("nan")  # (ce_mean - ce_spliced) / (ce_mean - ce_clean)
+    kl_mean: float = float("nan")
     note: str = ""
 
+    def to_dict(self) -> Dict[str, float]:
+        return asdict(self)
+
+
+@dataclass
+class SiteAblation:
+    """What removing a site's information costs: the loss with it zeroed and with it set to its mean."""
+    n_sequences: int
+    n_predictions: int
+    ce_clean: float
+    ce_zero: float
+    ce_mean: float
+    kl_zero: float
+    kl_mean: float
 
     def to_dict(self) -> Dict[str, float]:
         return asdict(self)
@@ -98,67 +117,105 @@ def _sae_reconstruction(sae: torch.nn.Module) -> Callable[[torch.Tensor], torch.
 
 def delta_lm_loss(model: torch.nn.Module, tokens: torch.Tensor, layer: int, sublayer: str,
                   sae: torch.nn.Module, bos_token_id: int, splice: Optional[Splice] = None,
-                  batch_sequences: int = 8, progress: bool = True) -> DeltaLMResult:
+                  batch_sequences: int = 8, progress: bool = True,
+                  mean_activation: Optional[torch.Tensor] = None) -> DeltaLMResult:
     """Delta LM loss of `sae` at (layer, sublayer) on `tokens` ([n_sequences, T] token ids)."""
     return delta_lm_losses(model, tokens, layer, sublayer, [sae], bos_token_id, splice, batch_sequences,
-                           progress)[0]
+                           progress, mean_activation)[0]
 
 
 @torch.no_grad()
-def delta_lm_losses(model: torch.nn.Module, tokens: torch.Tensor, layer: int, sublayer: str,
-                    saes: list, bos_token_id: int, splice: Optional[Splice] = None,
-                    batch_sequences: int = 8, progress: bool = True) -> list[DeltaLMResult]:
-    """Delta LM loss of several SAEs of one site: the clean and zero-ablated forwards of each batch
-    are run once and shared, so K SAEs cost K + 2 forwards per batch rather than 3K."""
+def _variant_losses(model, tokens: torch.Tensor, layer: int, sublayer: str, variants: dict,
+                    bos_token_id: int, splice: Optional[Splice], batch_sequences: int, desc: str,
+                    progress: bool) -> tuple[float, dict, int]:
+    """(mean clean CE, {variant: (mean CE, mean KL(clean || variant))}, predictions): one clean
+    forward per batch, shared by every variant (a function replacing the site's non-BOS activations)."""
     if splice is None:
         from harvest.sites import splice
-    for sae in saes:
-        check_site(model, layer, sublayer, sae.d_in)
     device = next(model.parameters()).device
     tokens = tokens.long()
     n_seq, T = tokens.shape
     if T < 2:
         raise ValueError("sequences need at least two tokens for next-token loss")
-    shared = dict(ce_clean=0.0, ce_zero=0.0, kl_zero=0.0)
-    per_sae = [dict(ce_spliced=0.0, kl_spliced=0.0) for _ in saes]
-    reconstructions = [_sae_reconstruction(sae) for sae in saes]
+    ce_clean = 0.0
+    sums = {name: [0.0, 0.0] for name in variants}
     model.eval()
-    bar = tqdm(total=n_seq * (len(saes) + 2), desc=f"delta LM loss L{layer} {sublayer} ({len(saes)} SAE"
-               f"{'s' * (len(saes) > 1)})", unit="fwd-seq", disable=not progress)
+    bar = tqdm(total=n_seq * (len(variants) + 1), desc=desc, unit="fwd-seq", disable=not progress)
     for start in range(0, n_seq, batch_sequences):
         batch = tokens[start:start + batch_sequences].to(device)
         targets = batch[:, 1:]
         keep = non_bos_mask(batch, bos_token_id)
-
         clean = model(input_ids=batch, use_cache=False).logits[:, :-1]
         ce, _ = _losses(clean, targets, None)
-        shared["ce_clean"] += ce
+        ce_clean += ce
         bar.update(len(batch))
-        variants = [("zero", torch.zeros_like, shared)] + [("spliced", fn, sums)
-                                                           for fn, sums in zip(reconstructions, per_sae)]
-        for name, fn, sums in variants:
+        for name, fn in variants.items():
             with splice(model, layer, sublayer, _replace_non_bos(keep, fn)):
                 logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
             ce, kl = _losses(logits, targets, clean)
             del logits
-            sums[f"ce_{name}"] += ce
-            sums[f"kl_{name}"] += kl
+            sums[name][0] += ce
+            sums[name][1] += kl
             bar.update(len(batch))
         del clean
     bar.close()
     n_pred = n_seq * (T - 1)
-    ce_clean, ce_zero, kl_zero = (shared[k] / n_pred for k in ("ce_clean", "ce_zero", "kl_zero"))
-    denom = ce_zero - ce_clean
+    return ce_clean / n_pred, {k: (v[0] / n_pred, v[1] / n_pred) for k, v in sums.items()}, n_pred
+
+
+def _mean_fill(mean_activation: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fill(a: torch.Tensor) -> torch.Tensor:
+        if mean_activation.shape[-1] != a.shape[-1]:
+            raise EvalInputError(f"the mean activation is {mean_activation.shape[-1]} wide, the site "
+                                 f"{a.shape[-1]}")
+        return mean_activation.to(device=a.device, dtype=a.dtype).expand_as(a)
+    return fill
+
+
+def site_ablation(model: torch.nn.Module, tokens: torch.Tensor, layer: int, sublayer: str,
+                  mean_activation: torch.Tensor, bos_token_id: int, splice: Optional[Splice] = None,
+                  batch_sequences: int = 8, progress: bool = True) -> SiteAblation:
+    """Zero- and mean-ablation of one site (BOS untouched), against the clean forward."""
+    ce_clean, v, n_pred = _variant_losses(
+        model, tokens, layer, sublayer, {"zero": torch.zeros_like, "mean": _mean_fill(mean_activation)},
+        bos_token_id, splice, batch_sequences, f"ablation L{layer} {sublayer}", progress)
+    return SiteAblation(n_sequences=len(tokens), n_predictions=n_pred, ce_clean=ce_clean,
+                        ce_zero=v["zero"][0], ce_mean=v["mean"][0], kl_zero=v["zero"][1], kl_mean=v["mean"][1])
+
+
+def _recovered(ce_ablated: float, ce_spliced: float, ce_clean: float) -> float:
+    denom = ce_ablated - ce_clean
+    return (ce_ablated - ce_spliced) / denom if denom != 0 else float("nan")
+
+
+def delta_lm_losses(model: torch.nn.Module, tokens: torch.Tensor, layer: int, sublayer: str,
+                    saes: list, bos_token_id: int, splice: Optional[Splice] = None,
+                    batch_sequences: int = 8, progress: bool = True,
+                    mean_activation: Optional[torch.Tensor] = None) -> list[DeltaLMResult]:
+    """Delta LM loss of several SAEs of one site: the clean and ablated forwards of each batch are
+    run once and shared, so K SAEs cost K + 3 forwards per batch (K + 2 without a mean activation)."""
+    for sae in saes:
+        check_site(model, layer, sublayer, sae.d_in)
+    variants = {"zero": torch.zeros_like}
+    if mean_activation is not None:
+        variants["mean"] = _mean_fill(mean_activation)
+    for i, sae in enumerate(saes):
+        variants[i] = _sae_reconstruction(sae)
+    ce_clean, v, n_pred = _variant_losses(
+        model, tokens, layer, sublayer, variants, bos_token_id, splice, batch_sequences,
+        f"delta LM loss L{layer} {sublayer} ({len(saes)} SAE{'s' * (len(saes) > 1)})", progress)
+    (ce_zero, kl_zero), (ce_mean, kl_mean) = v["zero"], v.get("mean", (float("nan"), float("nan")))
     results = []
-    for sums in per_sae:
-        ce_spliced = sums["ce_spliced"] / n_pred
+    for i in range(len(saes)):
+        ce_spliced, kl_spliced = v[i]
         results.append(DeltaLMResult(
-            n_sequences=n_seq, n_predictions=n_pred,
+            n_sequences=len(tokens), n_predictions=n_pred,
             ce_clean=ce_clean, ce_spliced=ce_spliced, ce_zero=ce_zero,
             delta_ce=ce_spliced - ce_clean,
-            fraction_recovered=(ce_zero - ce_spliced) / denom if denom != 0 else float("nan"),
-            kl_spliced=sums["kl_spliced"] / n_pred, kl_zero=kl_zero,
-            note="" if denom > 0 else ("zero-ablating this site does not raise the loss (an untrained model?): "
-                                       "fraction recovered is not meaningful here"),
+            fraction_recovered=_recovered(ce_zero, ce_spliced, ce_clean),
+            kl_spliced=kl_spliced, kl_zero=kl_zero,
+            ce_mean=ce_mean, fraction_recovered_mean=_recovered(ce_mean, ce_spliced, ce_clean), kl_mean=kl_mean,
+            note="" if ce_zero > ce_clean else ("zero-ablating this site does not raise the loss (an untrained "
+                                                "model?): fraction recovered is not meaningful here"),
         ))
     return results

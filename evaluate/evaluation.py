@@ -81,8 +81,11 @@ def _evaluate_group(members: list[EvalTarget], cache: str, layer: int, sublayer:
             r["delta_lm"] = {"skipped": reason}
         return results
     tokens = torch.cat(lm_tokens)[:n_lm]
+    # Mean-ablation fills the site with its mean over the held-out non-BOS rows just read.
+    mean_activation = (accs[0].sum_x / accs[0].n).float()
     lm = delta_lm_losses(model, tokens, layer, sublayer, [t.sae for t in members], source.bos_token_id,
-                         batch_sequences=cfg.delta_lm_batch_sequences, progress=cfg.progress)
+                         batch_sequences=cfg.delta_lm_batch_sequences, progress=cfg.progress,
+                         mean_activation=mean_activation)
     for r, result in zip(results, lm):
         r["delta_lm"] = result.to_dict()
     return results

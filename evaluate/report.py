@@ -11,7 +11,8 @@ from .labels import architecture_label, sparsity_setting
 from .sources import EvalTarget
 
 TABLE_COLUMNS = ("name", "architecture", "sparsity", "d_sae", "l0", "fvu", "mse", "dead_fraction",
-                 "dense_fraction", "delta_ce", "fraction_recovered", "kl_spliced", "ce_clean", "ce_zero")
+                 "dense_fraction", "delta_ce", "fraction_recovered", "fraction_recovered_mean", "kl_spliced",
+                 "ce_clean", "ce_zero", "ce_mean")
 
 
 def build_report(target: EvalTarget, result: dict) -> dict:
@@ -72,7 +73,8 @@ def table_row(report: dict) -> dict:
     lm = report["delta_lm"]
     row = {"name": report["name"], "architecture": report["label"], "sparsity": report["sparsity"],
            "d_sae": report["d_sae"], **report["reconstruction"]}
-    for k in ("delta_ce", "fraction_recovered", "kl_spliced", "ce_clean", "ce_zero"):
+    for k in ("delta_ce", "fraction_recovered", "fraction_recovered_mean", "kl_spliced", "ce_clean", "ce_zero",
+              "ce_mean"):
         row[k] = lm.get(k, float("nan"))
     columns = TABLE_COLUMNS
     if report.get("feature_recovery"):

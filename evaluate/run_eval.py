@@ -84,7 +84,8 @@ def print_summary(outcome: dict) -> None:
     width = max([len(r["name"]) for r in rows] + [4])
     for row in rows:
         lm = row["delta_ce"]
-        lm = (f"  delta CE {lm:.4g}  recovered {row['fraction_recovered']:.4g}"
+        lm = (f"  delta CE {lm:.4g}  recovered {row['fraction_recovered']:.4g} (vs zero-ablation), "
+              f"{row['fraction_recovered_mean']:.4g} (vs mean-ablation)"
               if isinstance(lm, float) and math.isfinite(lm) else "")
         print(f"{row['name']:<{width}}  {row['architecture']:<12} {row['sparsity']:<14} L0 {row['l0']:8.3f}  "
               f"FVU {row['fvu']:.4f}  dead {row['dead_fraction']:.3f}  dense {row['dense_fraction']:.3f}{lm}")

@@ -14,7 +14,8 @@ from omegaconf import MISSING
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    # A Hugging Face hub id, a local checkpoint folder, or "embedded:tiny" (built locally, see tiny_model.py).
+    # A Hugging Face hub id, a local checkpoint folder, or "embedded:<name>" (harvest/tiny_model.py:
+    # the shipped trained model, or random weights when `architecture` is given).
     path: str = MISSING
     revision: Optional[str] = None
     # "auto": bfloat16 on GPU, float32 on CPU.

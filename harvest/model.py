@@ -1,4 +1,4 @@
-"""Loading a Gemma 2 checkpoint (hub id, local folder, or the embedded tiny model) for harvesting."""
+"""Loading a Gemma 2 checkpoint (hub id, local folder, or an embedded model) for harvesting."""
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .tiny_model import PREFIX, ensure_checkpoint
+from .tiny_model import PREFIX, EmbeddedModelError, embedded_checkpoint
 
 
 class ModelLoadError(RuntimeError):
@@ -54,9 +54,10 @@ def resolve_attention(name: str, device: torch.device) -> str:
 def checkpoint_location(cfg: ModelConfig) -> str:
     """The folder or hub id that transformers loads for this model config."""
     if cfg.path.startswith(PREFIX):
-        if not cfg.architecture:
-            raise ModelLoadError(f"embedded model {cfg.path!r} needs model.architecture")
-        return str(ensure_checkpoint(cfg.name, dict(cfg.architecture)))
+        try:
+            return str(embedded_checkpoint(cfg.path[len(PREFIX):], dict(cfg.architecture)))
+        except EmbeddedModelError as e:
+            raise ModelLoadError(str(e)) from None
     return cfg.path
 
 

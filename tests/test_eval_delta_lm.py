@@ -108,15 +108,20 @@ def test_perfect_reconstruction_has_zero_delta(model, tokens):
     assert r.ce_zero > r.ce_clean + 1e-3      # ablating the site must hurt, or the test proves little
 
 
-def test_zero_ablation_and_spliced_match_direct_computation(model, tokens):
+def test_zero_mean_ablation_and_spliced_match_direct_computation(model, tokens):
     sae = affine_sae(32)
+    mean = torch.linspace(-1, 1, 32)
     r = delta_lm_loss(model, tokens, LAYER, "mlp_out", sae, BOS, splice=site_splice(),
-                      batch_sequences=3, progress=False)
+                      batch_sequences=3, progress=False, mean_activation=mean)
     with torch.no_grad():
         clean = model(input_ids=tokens).logits
     zero = _oracle_logits(model, tokens, torch.zeros_like)
+    mean_ablated = _oracle_logits(model, tokens, lambda a: mean.expand_as(a))
     spliced = _oracle_logits(model, tokens, lambda a: 0.5 * a + 0.1)
-    ce_clean, ce_zero, ce_spliced = (_oracle_ce(x, tokens) for x in (clean, zero, spliced))
+    ce_clean, ce_zero, ce_mean, ce_spliced = (_oracle_ce(x, tokens) for x in (clean, zero, mean_ablated, spliced))
+    assert r.ce_mean == pytest.approx(ce_mean, rel=1e-5)
+    assert r.fraction_recovered_mean == pytest.approx((ce_mean - ce_spliced) / (ce_mean - ce_clean), rel=1e-4)
+    assert r.kl_mean == pytest.approx(_oracle_kl(clean, mean_ablated), rel=1e-4)
     assert r.ce_clean == pytest.approx(ce_clean, rel=1e-5)
     assert r.ce_zero == pytest.approx(ce_zero, rel=1e-5)
     assert r.ce_spliced == pytest.approx(ce_spliced, rel=1e-5)
@@ -146,18 +151,19 @@ def test_width_mismatch_is_a_clear_error(model, tokens):
                       progress=False)
 
 
-def test_several_saes_share_the_clean_and_zero_forwards(model, tokens):
+def test_several_saes_share_the_clean_and_ablated_forwards(model, tokens):
     saes = [identity_like_sae(32), affine_sae(32)]
+    mean = torch.full((32,), 0.25)
     calls = []
     handle = model.register_forward_hook(lambda *a: calls.append(1))
     try:
         together = delta_lm_losses(model, tokens, LAYER, "mlp_out", saes, BOS, splice=site_splice(),
-                                   batch_sequences=5, progress=False)
+                                   batch_sequences=5, progress=False, mean_activation=mean)
     finally:
         handle.remove()
-    assert len(calls) == len(saes) + 2            # one batch: clean, zero, one spliced forward per SAE
+    assert len(calls) == len(saes) + 3      # one batch: clean, zero, mean, one spliced forward per SAE
     for sae, got in zip(saes, together):
         alone = delta_lm_loss(model, tokens, LAYER, "mlp_out", sae, BOS, splice=site_splice(),
-                              batch_sequences=5, progress=False)
+                              batch_sequences=5, progress=False, mean_activation=mean)
         numbers = {k: v for k, v in alone.to_dict().items() if k != "note"}
         assert {k: got.to_dict()[k] for k in numbers} == pytest.approx(numbers, rel=1e-12, abs=1e-12)

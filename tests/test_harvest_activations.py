@@ -8,7 +8,7 @@ import pytest
 import torch
 import zarr
 
-from harvest.tiny_model import ensure_checkpoint
+from harvest.model import checkpoint_location
 from tests.harvest_util import harvest_cli, harvest_config, harvest_inprocess, tree_digest
 
 SUBLAYERS = ("resid_pre", "attn_z", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -25,7 +25,7 @@ def oracle_activations(tokens: np.ndarray, ctx: int, batch: int, overrides=()) -
     """Every sublayer of every layer from a plain transformers forward, as float32."""
     from transformers import Gemma2ForCausalLM
     cfg = harvest_config(list(overrides)).model
-    model = Gemma2ForCausalLM.from_pretrained(ensure_checkpoint(cfg.name, dict(cfg.architecture)),
+    model = Gemma2ForCausalLM.from_pretrained(checkpoint_location(cfg),
                                               attn_implementation="eager", dtype=torch.float32).eval()
     n_layers = model.config.num_hidden_layers
     out: dict[str, list] = {}
@@ -91,10 +91,10 @@ def test_activations_equal_eager_forward_one_process(one_process_cache):
 
 
 def test_attention_width_unlike_the_residual_width(tmp_path):
-    """attn_z is heads x head_dim wide (2048 against 2304 in Gemma 2 2B); the tiny model has them
-    equal, so a variant with head_dim 8 (attn_z 32 wide, residual 64) checks every site's width and
-    values."""
-    overrides = ["model.architecture.head_dim=8", "model.architecture.query_pre_attn_scalar=8"]
+    """attn_z is heads x head_dim wide (2048 against 2304 in Gemma 2 2B); the embedded models have
+    them equal, so a random-weight variant with head_dim 8 (attn_z 32 wide, residual 64) checks every
+    site's width and values."""
+    overrides = ["model=tiny-random", "model.architecture.head_dim=8", "model.architecture.query_pre_attn_scalar=8"]
     cache = tmp_path / "cache"
     harvest_inprocess(cache, overrides)
     group = zarr.open_group(str(cache), mode="r")

@@ -90,10 +90,10 @@ def test_cli_reports_error_without_traceback(tmp_path):
 def test_changed_weights_under_the_same_path_are_refused(tmp_path):
     import torch
     from transformers import Gemma2ForCausalLM
-    from harvest.tiny_model import ensure_checkpoint
+    from harvest.model import checkpoint_location
     cfg = harvest_config([]).model
     folder = tmp_path / "ckpt"
-    shutil.copytree(ensure_checkpoint(cfg.name, dict(cfg.architecture)), folder)
+    shutil.copytree(checkpoint_location(cfg), folder)
     model_args = ["model=custom", f"model.path={folder}", "model.context_length=64", "layers=0"]
     harvest_inprocess(tmp_path / "cache", model_args)
     before = tree_digest(tmp_path / "cache")

@@ -5,7 +5,7 @@ import pytest
 import torch
 import zarr
 
-from harvest.tiny_model import ensure_checkpoint
+from harvest.model import checkpoint_location
 from tests.harvest_util import harvest_config, harvest_inprocess
 
 pytestmark = [pytest.mark.gpu,
@@ -20,7 +20,7 @@ def test_gpu_harvest_matches_eager_forward(tmp_path):
     assert group.attrs["compute"] == {"dtype": "bfloat16", "attn_implementation": "flex_attention",
                                       "device_type": "cuda"}
     cfg = harvest_config([]).model
-    model = Gemma2ForCausalLM.from_pretrained(ensure_checkpoint(cfg.name, dict(cfg.architecture)),
+    model = Gemma2ForCausalLM.from_pretrained(checkpoint_location(cfg),
                                               attn_implementation="eager", dtype=torch.bfloat16).cuda().eval()
     seqs = torch.from_numpy(group["tokens"][:].reshape(-1, 64).astype(np.int64)).cuda()
     hooked = {}
