@@ -24,6 +24,10 @@ class CacheMismatch(RuntimeError):
     pass
 
 
+class ForeignCacheLocation(CacheMismatch):
+    """CACHE names a folder (or object-store prefix) that holds other things and no cache."""
+
+
 @dataclass(frozen=True)
 class CacheLayout:
     sites: tuple[Site, ...]
@@ -116,6 +120,9 @@ def check_compatible(path: str | Path, identity, expected: dict) -> zarr.Group:
     everything that decides the bytes) differs from `expected`."""
     group = zarr.open_group(str(path), mode="r+")
     existing = dict(group.attrs)
+    if existing.get("format_version") is None:
+        raise CacheMismatch(f"{path} holds a Zarr group that is not a jumpscope cache (no format_version "
+                            "attribute). Choose another CACHE; it was left untouched.")
     if existing.get("format_version") != FORMAT_VERSION:
         raise CacheMismatch(f"{path} holds a cache of format_version {existing.get('format_version')!r}; "
                             f"this harvester writes version {FORMAT_VERSION}. Use another CACHE.")
@@ -132,6 +139,32 @@ def check_compatible(path: str | Path, identity, expected: dict) -> zarr.Group:
 
 def cache_exists(path: str | Path) -> bool:
     return (Path(path) / "zarr.json").exists()
+
+
+def refuse_foreign_location(where: str, is_cache: bool, entries: list[str] | None, total: int) -> None:
+    """Refuse a CACHE that holds something other than a cache, before anything is written there:
+    a harvest writes zarr.json, tokens/, layer_*/, ... and would scatter them among the files.
+    `entries`: the names found there (folders with a trailing /), None when it is a file; `total`: how many."""
+    if entries is None:
+        raise ForeignCacheLocation(f"CACHE={where} is a file, not a folder: a cache is a folder (a Zarr group). "
+                                   "Choose another CACHE; nothing was written.")
+    if is_cache or total == 0:
+        return
+    shown = ", ".join(entries[:8]) + (f", ... ({total} in all)" if total > 8 else "")
+    raise ForeignCacheLocation(
+        f"CACHE={where} already holds {total} entr{'y' if total == 1 else 'ies'} and no cache ({shown}). A harvest "
+        "writes a Zarr group (zarr.json, tokens/, layer_*/, complete/, ...) into CACHE, so CACHE must be absent, "
+        "empty, or a cache. Choose a new folder (a subfolder of this one, say); nothing was written.")
+
+
+def check_local_location(path: Path) -> None:
+    """refuse_foreign_location for a local CACHE."""
+    if path.exists() and not path.is_dir():
+        refuse_foreign_location(str(path), False, None, 1)
+    if not path.is_dir():
+        return
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    refuse_foreign_location(str(path), cache_exists(path), names, len(names))
 
 
 def free_bytes(path: str | Path) -> int:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .cache_layout import (CacheLayout, cache_exists, check_compatible, chunk_rows_for,
+from .cache_layout import (CacheLayout, cache_exists, check_compatible, check_local_location, chunk_rows_for,
                            create_cache, finalize_statistics, free_bytes, FORMAT_VERSION)
 from .chunk_files import remove_partial_files
 from .chunk_writer import ChunkWriter
@@ -56,6 +56,7 @@ def _distributed_state(device: torch.device):
 
 def run_harvest(cfg: HarvestConfig) -> dict:
     validate(cfg)
+    check_local_location(Path(cfg.cache))     # a folder of other files is refused before any work
     device = resolve_device(cfg.device)
     state = _distributed_state(device)
     if device.type == "cuda":

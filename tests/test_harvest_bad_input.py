@@ -7,7 +7,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from harvest.cache_layout import CacheMismatch
+from harvest.cache_layout import CacheMismatch, ForeignCacheLocation
 from harvest.config import HarvestConfigError
 from harvest.model import ModelLoadError
 from harvest.packing import CorpusTooSmall
@@ -104,3 +104,37 @@ def test_changed_weights_under_the_same_path_are_refused(tmp_path):
     with pytest.raises(CacheMismatch, match="checkpoint_hash"):
         harvest_inprocess(tmp_path / "cache", model_args)
     assert tree_digest(tmp_path / "cache") == before
+
+
+def test_folder_of_other_files_is_refused_and_left_untouched(tmp_path):
+    """CACHE=/etc and the like: a folder that holds other files and no cache gets nothing written."""
+    folder = tmp_path / "etc"
+    (folder / "conf.d").mkdir(parents=True)
+    (folder / "hosts").write_text("127.0.0.1 localhost\n")
+    (folder / "conf.d" / "a.conf").write_text("x = 1\n")
+    before = tree_digest(folder)
+    with pytest.raises(ForeignCacheLocation, match=r"already holds 2 entries and no cache \(conf\.d/, hosts\)"):
+        harvest_inprocess(folder)
+    assert tree_digest(folder) == before and sorted(p.name for p in folder.iterdir()) == ["conf.d", "hosts"]
+    result = harvest_cli(folder)
+    assert result.returncode == 2 and "no cache (conf.d/, hosts)" in result.stderr and "Traceback" not in result.stderr
+    assert tree_digest(folder) == before
+
+
+def test_cache_that_is_a_file_or_a_foreign_zarr_group_is_refused(tmp_path):
+    import zarr
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ForeignCacheLocation, match="is a file, not a folder"):
+        harvest_inprocess(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "not a folder"
+    zarr.create_group(store=str(tmp_path / "other"), attributes={"made_by": "someone else"})
+    before = tree_digest(tmp_path / "other")
+    with pytest.raises(CacheMismatch, match="not a jumpscope cache"):
+        harvest_inprocess(tmp_path / "other")
+    assert tree_digest(tmp_path / "other") == before
+
+
+def test_empty_folder_is_accepted(tmp_path):
+    (tmp_path / "empty").mkdir()
+    harvest_inprocess(tmp_path / "empty", ["n_tokens=512", "layers=0", "sublayers=mlp_out"])
+    assert (tmp_path / "empty" / "zarr.json").exists()
