@@ -5,9 +5,12 @@ import sys
 from pathlib import Path
 
 
+from hydra.experimental.callback import Callback
+
 from .cache_reader import SUBLAYERS, CacheError
 from .loop import MemberSpec, TrainingDiverged, train_members
 from .members import member_configs
+from .run_folder import ForeignRunFolder, check_run_folder
 
 
 def run_training(cfg, single: bool):
@@ -19,6 +22,7 @@ def run_training(cfg, single: bool):
         raise ValueError(f"sublayer={cfg.sublayer!r}; choose one of {', '.join(SUBLAYERS)}")
     members = member_configs(cfg)
     run_dir = Path(cfg.run_dir)
+    check_run_folder(run_dir)
     if single and len(members) != 1:
         raise ValueError("`python -m train` trains one SAE; use `python -m train.sweep` for a grid")
     shard, n_shards = cfg.sweep.shard, cfg.sweep.num_shards
@@ -58,6 +62,23 @@ def main_entry(cfg, single: bool):
     except (CacheError, TrainingDiverged, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+class RefuseForeignRunFolder(Callback):
+    """conf/train.yaml's hydra.callbacks: checks run_dir before Hydra writes .hydra/ (and its log) into it."""
+
+    def _check(self, config) -> None:
+        try:
+            check_run_folder(config.run_dir)
+        except ForeignRunFolder as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._check(config)
 
 
 def _hydra_job_num():

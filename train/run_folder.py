@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -11,6 +12,48 @@ from safetensors.torch import load_file, save_file
 from .sae import ARCHITECTURES, SparseAutoencoder
 
 WEIGHTS, META = "sae.safetensors", "sae.json"
+
+# What training, evaluation and Hydra put in a run or sweep folder; anything else makes it foreign.
+RUN_FOLDER_FILES = re.compile(r"(sae\.safetensors|sae\.json|metrics\.jsonl|checkpoint(_shard\d+of\d+)?\.pt"
+                              r"|multirun\.yaml|(__main__|train|sweep)\.log)(\.tmp)?")
+RUN_FOLDER_DIRS = {".hydra", ".hydra_jobs", ".submitit", "tensorboard", "eval"}
+
+
+class ForeignRunFolder(ValueError):
+    """RUN names a folder that holds other files than a training's."""
+
+
+def foreign_entries(folder: Path, depth: int = 1) -> list[str]:
+    """The entries of `folder` that no training wrote; sub-folders (sweep members, multirun jobs)
+    are judged by the same rule, `depth` levels down."""
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() and not p.is_symlink():
+            if p.name in RUN_FOLDER_DIRS:
+                continue
+            inner = foreign_entries(p, depth - 1) if depth > 0 else [p.name + "/"]
+            found += [f"{p.name}/{e}" for e in inner] if depth > 0 else inner
+        elif not RUN_FOLDER_FILES.fullmatch(p.name):
+            found.append(p.name)
+    return found
+
+
+def check_run_folder(run_dir) -> None:
+    """Refuse a RUN that is a file, or a folder holding other files than a run's (checkpoints and
+    weights would be written among them). Absent, empty, or a run or sweep folder: fine."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ForeignRunFolder(f"run_dir={str(run_dir)!r} is a file, not a folder; choose another RUN. "
+                               "Nothing was written.")
+    if not run_dir.is_dir():
+        return
+    found = foreign_entries(run_dir)
+    if found:
+        shown = ", ".join(found[:8]) + (f", ... ({len(found)} in all)" if len(found) > 8 else "")
+        raise ForeignRunFolder(
+            f"run_dir={str(run_dir)!r} holds files that no training wrote ({shown}); a run writes "
+            "checkpoint.pt, sae.safetensors, sae.json, metrics.jsonl, tensorboard/ and .hydra/ into RUN, so "
+            "RUN must be absent, empty, or a run or sweep folder. Choose a new folder; nothing was written.")
 
 
 def save_sae(run_dir, sae: SparseAutoencoder, meta: dict) -> None:
