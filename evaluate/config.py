@@ -41,6 +41,9 @@ class EvalConfig:
     delta_lm_batch_sequences: int = 4
     # A latent is dense when it fires on more than this fraction of held-out tokens.
     dense_threshold: float = 0.1
+    # SAEBench's metrics (evaluate/saebench.py) take means over groups of this many held-out sequences
+    # (SAEBench's batches of 16 prompts): explained variance, relative reconstruction bias.
+    saebench_group_sequences: int = 16
     # Bins per decade of the log10 firing-frequency histogram.
     histogram_bins_per_decade: int = 10
     # Synthetic data: a .npy of the true feature directions [n_features, d_in]; adds feature recovery.

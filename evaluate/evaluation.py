@@ -16,18 +16,23 @@ from .delta_lm import delta_lm_losses
 from .errors import EvalInputError
 from .heldout import heldout_batches, non_bos_mask, open_site, select_heldout
 from .reconstruction import ReconstructionAccumulator
+from .saebench import SAEBenchAccumulator, counted_tokens, ignored_token_ids, saebench_metrics
 from .sources import EvalTarget
 
 
 def _load_model(cache: str, device: str):
     """The model the cache was harvested from, or (None, reason) when the cache records none."""
-    import zarr
     from harvest.model import load_model_from_cache
-    attrs = zarr.open_group(cache, mode="r").attrs
+    attrs = _cache_attrs(cache)
     if not isinstance(attrs.get("harvest_config"), dict) or "model" not in attrs["harvest_config"]:
         return None, (f"cache {cache!r} records no model (harvest_config.model): not harvested from a "
                       "model, so there is no language model loss to measure")
     return load_model_from_cache(cache, device=device).model, None
+
+
+def _cache_attrs(cache: str) -> dict:
+    import zarr
+    return dict(zarr.open_group(cache, mode="r").attrs)
 
 
 def evaluate_targets(targets: list[EvalTarget], cfg) -> list[dict]:
@@ -52,6 +57,8 @@ def _evaluate_group(members: list[EvalTarget], cache: str, layer: int, sublayer:
                                  f"but the cache's {source.name} is {source.width} wide")
     seqs = select_heldout(source, members[0].heldout, cfg.max_tokens)
     accs = [ReconstructionAccumulator(t.sae.d_sae, source.context_length, cfg.dense_threshold) for t in members]
+    bench_accs = [SAEBenchAccumulator(t.sae.d_sae, cfg.saebench_group_sequences) for t in members]
+    ignored = ignored_token_ids(_cache_attrs(cache), source.bos_token_id)
     device = torch.device(cfg.device)
     n_lm = min(int(cfg.delta_lm_sequences), len(seqs))
     lm_tokens = []
@@ -59,9 +66,15 @@ def _evaluate_group(members: list[EvalTarget], cache: str, layer: int, sublayer:
                unit="seq", disable=not cfg.progress)
     for tokens, acts in heldout_batches(source, seqs, cfg.batch_sequences):
         keep = non_bos_mask(tokens, source.bos_token_id).to(device)
+        counted = counted_tokens(tokens, ignored).to(device)
         acts = acts.to(device)
-        for t, acc in zip(members, accs):
-            acc.update(t.sae, acts, keep)
+        flat = acts.reshape(-1, acts.shape[-1])
+        for t, acc, bench in zip(members, accs, bench_accs):
+            f = t.sae.encode(flat)
+            x_hat = t.sae.decode(f)
+            acc.update_encoded(acts, f, x_hat, keep)
+            bench.update(acts, f, x_hat, counted)
+            del f, x_hat
         if sum(len(x) for x in lm_tokens) < n_lm:
             lm_tokens.append(tokens)
         bar.update(len(tokens))
@@ -70,6 +83,13 @@ def _evaluate_group(members: list[EvalTarget], cache: str, layer: int, sublayer:
     results = [{"reconstruction": acc.result(),
                 "heldout": {**t.heldout, "n_sequences_evaluated": len(seqs), "context_length": source.context_length}}
                for t, acc in zip(members, accs)]
+    results = _delta_lm(results, members, accs, lm_tokens, n_lm, cache, layer, sublayer, source, cfg)
+    for r, bench in zip(results, bench_accs):
+        r["saebench"] = saebench_metrics(bench.result(), r["delta_lm"])
+    return results
+
+
+def _delta_lm(results, members, accs, lm_tokens, n_lm, cache, layer, sublayer, source, cfg) -> list[dict]:
     if n_lm == 0:
         for r in results:
             r["delta_lm"] = {"skipped": "delta_lm_sequences=0"}

@@ -51,13 +51,19 @@ class ReconstructionAccumulator:
 
     @torch.no_grad()
     def update(self, sae: torch.nn.Module, x: torch.Tensor, keep: torch.Tensor) -> None:
-        """Reductions run where x lives (CPU or GPU) in float64; the running sums stay on the CPU."""
+        flat = x.float().reshape(-1, x.shape[-1])
+        f = sae.encode(flat)
+        self.update_encoded(x, f, sae.decode(f), keep)
+
+    @torch.no_grad()
+    def update_encoded(self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor, keep: torch.Tensor) -> None:
+        """x [n_seq, T, d] with its codes f and reconstructions x_hat ([n_seq * T, ...]), computed once
+        by the caller and shared with other accumulators. Reductions run where x lives (CPU or GPU) in
+        float64; the running sums stay on the CPU."""
         n_seq, T, d = x.shape
         if T != self.T:
             raise ValueError(f"expected sequences of {self.T} positions, got {T}")
         flat = x.float().reshape(-1, d)
-        f = sae.encode(flat)
-        x_hat = sae.decode(f)
         keep_flat = keep.reshape(-1).to(x.device)
         keep64 = keep_flat.double()
         err = (flat - x_hat).double().pow(2).sum(-1) * keep64

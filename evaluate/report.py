@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .labels import architecture_label, sparsity_setting
+from .saebench import TABLE_METRICS, table_values
 from .sources import EvalTarget
 
 TABLE_COLUMNS = ("name", "architecture", "sparsity", "d_sae", "l0", "fvu", "mse", "dead_fraction",
@@ -33,6 +34,7 @@ def build_report(target: EvalTarget, result: dict) -> dict:
         "hyperparameters": target.meta.get("hyperparameters"),
         "reconstruction": rec.summary(),
         "delta_lm": result["delta_lm"],
+        "saebench": result.get("saebench"),
         "feature_recovery": result.get("feature_recovery"),
         "firing_frequency_histogram": firing_histogram(rec.firing_frequency, rec.n_tokens),
         "firing_frequency": rec.firing_frequency,
@@ -76,7 +78,8 @@ def table_row(report: dict) -> dict:
     for k in ("delta_ce", "fraction_recovered", "fraction_recovered_mean", "kl_spliced", "ce_clean", "ce_zero",
               "ce_mean"):
         row[k] = lm.get(k, float("nan"))
-    columns = TABLE_COLUMNS
+    row.update(table_values(report.get("saebench")))
+    columns = TABLE_COLUMNS + tuple(name for _, name in TABLE_METRICS)
     if report.get("feature_recovery"):
         row["feature_mmcs"] = report["feature_recovery"]["mean_max_cosine"]
         columns = columns + ("feature_mmcs",)
