@@ -28,7 +28,8 @@ def calibrated_jumprelu(x: torch.Tensor, d_sae: int, firing: float = 0.05, seed:
     W_dec = torch.randn(d_sae, x.shape[1], generator=g)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
     pre = x.float() @ W_dec.T
-    threshold = torch.quantile(pre, 1 - firing, dim=0).clamp_min(1e-3)
+    rank = min(len(pre), max(1, int(round((1 - firing) * len(pre)))))
+    threshold = torch.kthvalue(pre, rank, dim=0).values.clamp_min(1e-3)     # (torch.quantile is slow here)
     return JumpReLUSAE.from_tensors(W_enc=W_dec.T.clone(), W_dec=W_dec, b_enc=torch.zeros(d_sae),
                                     b_dec=torch.zeros(x.shape[1]), threshold=threshold)
 

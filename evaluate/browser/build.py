@@ -1,0 +1,161 @@
+"""`make features RUN=...`: one pass over the held-out tokens of the SAE's cache, the logit lens of its
+decoder, and the static browser written beside the run (conf/features.yaml)."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import numpy as np
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from ..errors import EvalInputError
+from ..heldout import heldout_batches, non_bos_mask, open_site, select_heldout
+from ..labels import architecture_label
+from ..sources import EvalTarget, RunError, resolve
+from .collect import FeatureCollector
+from .logit_lens import logit_lens
+from .site import MARKER, SiteWriter, write_site
+
+
+class FeaturesError(EvalInputError):
+    pass
+
+
+def resolve_target(cfg) -> EvalTarget:
+    """The one SAE cfg.run names (a sweep folder is refused, naming its members)."""
+    settings = SimpleNamespace(run=cfg.run, layer=cfg.layer, sublayer=cfg.sublayer, cache=cfg.cache,
+                               heldout_fraction=cfg.heldout_fraction, heldout_seed=cfg.heldout_seed)
+    targets, is_sweep = resolve(settings, device=cfg.device)
+    if is_sweep:
+        members = ", ".join(t.name for t in targets[:8]) + (", ..." if len(targets) > 8 else "")
+        raise RunError(f"run={cfg.run!r} is a sweep folder: the browser shows one SAE; pick a member, e.g. "
+                       f"RUN={Path(cfg.run) / targets[0].name} (members: {members})")
+    return targets[0]
+
+
+def default_out(cfg) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    run = Path(cfg.run)
+    if run.is_file():
+        return run.parent / ("features" if run.name == "params.npz" else f"features_{run.stem}")
+    return run / "features"
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+        raise FeaturesError(f"out={str(out)!r} exists and is not a feature browser (no {MARKER}): "
+                            "choose another out= or empty it")
+
+
+def _model_and_tokenizer(cache: str, device: str):
+    """(model, tokenizer, note): the model the cache was harvested from, if it records one."""
+    attrs = dict(zarr.open_group(cache, mode="r").attrs)
+    if not isinstance(attrs.get("harvest_config"), dict) or "model" not in attrs["harvest_config"]:
+        return None, None, (f"cache {cache!r} records no model: tokens are shown as ids and there is no "
+                            "logit lens")
+    from harvest.model import load_model_from_cache
+    loaded = load_model_from_cache(cache, device=device)
+    return loaded.model, loaded.tokenizer, None
+
+
+def vocab_strings(tokenizer, vocab_size: int) -> list[str]:
+    """What each token id looks like in text (ids the tokenizer does not know: '<id N>')."""
+    known = len(tokenizer)
+    return [tokenizer.decode([i]) if i < known else f"<id {i}>" for i in range(vocab_size)]
+
+
+def collect(target: EvalTarget, cfg, device: torch.device):
+    """The one pass: (CollectedFeatures, tokens [n, T] int32, cache sequence ids [n], source)."""
+    source = open_site(target.cache, target.layer, target.sublayer)
+    if target.sae.d_in != source.width:
+        raise FeaturesError(f"width mismatch: the SAE reads {target.sae.d_in}-dimensional activations but the "
+                            f"cache's {source.name} is {source.width} wide")
+    seqs = select_heldout(source, target.heldout, cfg.max_tokens)
+    T = source.context_length
+    collector = FeatureCollector(target.sae.d_sae, cfg.top_contexts, cfg.sample_size, cfg.context_before,
+                                 cfg.context_after, cfg.histogram_bins, cfg.seed, device)
+    tokens_all = np.empty((len(seqs), T), dtype=np.int32)
+    per_encode = max(1, int(cfg.encode_tokens) // T)
+    bar = tqdm(total=len(seqs) * T, desc=f"features: held-out tokens of {source.name}", unit="tok",
+               unit_scale=True, disable=not cfg.progress)
+    done = 0
+    for tokens, acts in heldout_batches(source, seqs, cfg.batch_sequences):
+        keep = non_bos_mask(tokens, source.bos_token_id)
+        tokens_all[done:done + len(tokens)] = tokens.numpy()
+        for lo in range(0, len(tokens), per_encode):
+            x = acts[lo:lo + per_encode].to(device)
+            b = len(x)
+            f = target.sae.encode(x.reshape(b * T, -1)).reshape(b, T, -1)
+            collector.update(f, keep[lo:lo + per_encode], torch.arange(done + lo, done + lo + b))
+            del f
+        done += len(tokens)
+        bar.update(len(tokens) * T)
+    bar.close()
+    return collector.result(), tokens_all, seqs, source
+
+
+def _meta(target: EvalTarget, cfg, stats, source, n_sequences: int, note: Optional[str], seconds: float) -> dict:
+    return {"name": target.name, "source": str(target.path), "architecture": target.meta.get("architecture"),
+            "label": architecture_label(target.meta), "model": str(target.meta.get("model") or ""),
+            "layer": target.layer, "sublayer": target.sublayer, "cache": target.cache,
+            "d_in": target.sae.d_in, "d_sae": target.sae.d_sae, "heldout": target.heldout,
+            "n_sequences": n_sequences, "context_length": source.context_length, "n_tokens": stats.n_tokens,
+            "dead": int((stats.count == 0).sum()),
+            "dense": int((stats.frequency > cfg.dense_threshold).sum()), "dense_threshold": cfg.dense_threshold,
+            "settings": {k: getattr(cfg, k) for k in ("max_tokens", "top_contexts", "sample_size", "quantiles",
+                                                     "samples_per_band", "context_before", "context_after",
+                                                     "histogram_bins", "logit_tokens", "seed")},
+            "notes": [n for n in [note] if n], "seconds": round(seconds, 1),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def build_browser(cfg) -> Path:
+    """Build the browser of cfg.run; returns the folder holding index.html."""
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(cfg.device)
+    started = time.time()
+    target = resolve_target(cfg)
+    out = default_out(cfg)
+    _check_out(out)
+    model, tokenizer, note = _model_and_tokenizer(target.cache, cfg.device)
+    with torch.no_grad():
+        stats, tokens, seqs, source = collect(target, cfg, device)
+        lens = None
+        if model is not None:
+            lens = logit_lens(model, target.sae.W_dec, target.layer, target.sublayer, cfg.logit_tokens,
+                              progress=cfg.progress)
+    vocab = vocab_strings(tokenizer, model.config.vocab_size) if tokenizer is not None else None
+    writer = SiteWriter(stats, tokens, seqs, lens, cfg.quantiles, cfg.samples_per_band)
+    meta = _meta(target, cfg, stats, source, len(seqs), note, time.time() - started)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)           # mkdtemp makes it private; the browser is for sharing
+    try:
+        write_site(staging, writer, meta, vocab, cfg.shard_latents, cfg.progress)
+        _swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replace out by staging; the old browser is removed only once the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{int(time.time() * 1000)}"
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
