@@ -23,11 +23,11 @@ class GemmaScopeError(EvalInputError):
 def params_from_sae(sae: torch.nn.Module) -> dict[str, np.ndarray]:
     """The params.npz arrays of an SAE in raw units (what `train.run_folder.load_sae` returns)."""
     arch = getattr(sae, "architecture", "")
-    if arch not in ("jumprelu", "relu"):
+    if arch not in ("jumprelu", "relu", "batchtopk"):
         raise GemmaScopeError(
             f"Gemma Scope's params.npz holds JumpReLU SAEs; a {arch!r} SAE cannot be written in it "
             "(export it with FORMAT=saelens)")
-    threshold = sae.threshold if arch == "jumprelu" else torch.zeros(sae.d_sae)
+    threshold = torch.zeros(sae.d_sae) if arch == "relu" else sae.threshold   # batchtopk: a JumpReLU
     tensors = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec,
                "threshold": threshold}
     params = {k: v.detach().to("cpu", torch.float32).contiguous().numpy() for k, v in tensors.items()}

@@ -11,8 +11,11 @@ def sparsity_setting(meta: dict) -> str:
         return meta["sparsity"]
     hyper = meta.get("hyperparameters") or {}
     arch = meta.get("architecture", "?")
-    if arch == "topk":
+    if arch in ("topk", "batchtopk"):
         return f"k={hyper.get('k', meta.get('k', '?'))}"
+    target = _find(meta, "target_l0")
+    if arch == "jumprelu" and _find(meta, "sparsity_loss") == "quadratic" and target:
+        return f"target L0={target:g}"
     coeff = _find(meta, "sparsity_coeff")
     label = "lambda" if coeff is not None else ""
     return f"{label}={coeff:g}" if isinstance(coeff, (int, float)) else label or "-"

@@ -1,7 +1,7 @@
 """SAELens's folder format: `cfg.json` + `sae_weights.safetensors`, loadable by `SAE.load_from_disk`.
 
 Each of our architectures maps onto a SAELens one computing the same function on raw inputs:
-jumprelu -> jumprelu, relu -> standard, topk -> topk, gated -> gated (which, like ours, subtracts
+jumprelu and batchtopk -> jumprelu, relu -> standard, topk -> topk, gated -> gated (which, like ours, subtracts
 b_dec from its input: apply_b_dec_to_input). No normalisation at run time: ours is folded in.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def hook_name(layer: int, sublayer: str) -> str:
 def _tensors_and_cfg(sae: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     arch = getattr(sae, "architecture", "")
     common = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    if arch == "jumprelu":
+    if arch in ("jumprelu", "batchtopk"):      # a trained BatchTopK is used as a JumpReLU
         if (sae.threshold < 0).any():
             raise SAELensExportError("negative thresholds: SAELens's jumprelu applies a relu that ours does not")
         return ({**common, "b_enc": sae.b_enc, "threshold": sae.threshold},

@@ -24,6 +24,9 @@ class SAEOutput:
     l0: torch.Tensor     # mean over the batch of the number of active latents
     x_hat: torch.Tensor  # [B, d]
     firings: torch.Tensor | None = None  # int64 [W]: tokens of the batch on which each latent fired
+    # Differentiable (straight-through) counts, for sparsity penalties other than lambda * l0:
+    l0_tokens: torch.Tensor | None = None    # [B]: active latents per token
+    fire_counts: torch.Tensor | None = None  # [W]: tokens each latent fired on (firings as floats)
 
 
 def _resolve_backend(backend: str, x: torch.Tensor) -> str:
@@ -43,17 +46,23 @@ def triton_available() -> bool:
 
 
 def jumprelu_sae(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth: float = 1e-3,
-                 sparsity_coeff: float = 0.0, backend: str = "auto") -> SAEOutput:
-    """JumpReLU SAE forward; differentiable in the five parameters with DESIGN.md's STE gradients."""
+                 sparsity_coeff: float = 0.0, backend: str = "auto", ste_to_input: bool = False) -> SAEOutput:
+    """JumpReLU SAE forward; differentiable in the five parameters with DESIGN.md's STE gradients.
+
+    ste_to_input: also pass the straight-through gradient to the pre-activations (Anthropic's
+    JumpReLU); `out.l0_tokens` and `out.fire_counts` carry other sparsity penalties to the
+    thresholds (kernels/reference.py)."""
     backend = _resolve_backend(backend, x)
     if backend == "reference":
-        loss, mse, l0, x_hat, firings = jumprelu_sae_reference(
-            x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, sparsity_coeff, return_firings=True)
+        out = jumprelu_sae_reference(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, sparsity_coeff,
+                                     ste_to_input=ste_to_input, return_counts=True)
     else:
         from .jumprelu_triton import jumprelu_sae_triton
-        loss, mse, l0, x_hat, firings = jumprelu_sae_triton(
-            x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, sparsity_coeff, return_firings=True)
-    return SAEOutput(loss=loss, mse=mse, l0=l0, x_hat=x_hat, firings=firings)
+        out = jumprelu_sae_triton(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, sparsity_coeff,
+                                  ste_to_input=ste_to_input, return_counts=True)
+    loss, mse, l0, x_hat, firings, l0_tokens, fire_counts = out
+    return SAEOutput(loss=loss, mse=mse, l0=l0, x_hat=x_hat, firings=firings, l0_tokens=l0_tokens,
+                     fire_counts=fire_counts)
 
 
 def require_ours() -> None:

@@ -84,7 +84,7 @@ def _variants():
     for op in ("bf16", "fp32"):
         sig = dict(list_idx_ptr="*i32", pre_ptr="*fp32", list_cnt_ptr="*i32",
                    theta_ptr="*fp32", w_dec_ptr=f"*{op}", b_dec_ptr="*fp32", x_ptr="*fp32",
-                   x_hat_ptr="*fp32", sq_err_ptr="*fp32", D=i32, W=i32,
+                   x_hat_ptr="*fp32", sq_err_ptr="*fp32", l0_tok_ptr="*i32", D=i32, W=i32,
                    stride_wn=i32, stride_wd=i32, stride_xb=i32, stride_xd=i32,
                    stride_hb=i32, stride_hd=i32)
         gather = dict(num_warps=bk.gather_warps)
@@ -98,17 +98,21 @@ def _variants():
         ints = dict(D=D, W=W, stride_gb=D, stride_gd=1, stride_wn=D, stride_wd=1)
         out.append((f"entry_grad {op}", entry_grad.entry_grad_kernel, sig,
                     dict(BLOCK_E=bk.entries, BLOCK_D=bk.feat), gather, ints))
-        for weights in (True, False):
+        # The paper's recipe (sparse and dense paths), and the straight-through gradient to the
+        # inputs with per-token and per-latent coefficients (Anthropic; Gemma Scope 2's penalties).
+        for weights, ste, coefs in ((True, False, False), (False, False, False), (True, True, True),
+                                    (False, True, True)):
             sig = dict(latent_src_ptr="*i32", col_ptr_ptr="*i32", col_tot_ptr="*i32",
                        pre_ptr="*fp32", df_ptr="*fp32", theta_ptr="*fp32",
-                       c0_ptr="*fp32", x_ptr=f"*{op}", g_ptr=f"*{op}", dw_enc_ptr="*fp32",
-                       dw_dec_ptr="*fp32", db_enc_ptr="*fp32", dtheta_ptr="*fp32", D=i32, W=i32,
-                       half_bandwidth=f32, inv_bandwidth=f32,
+                       c0_ptr="*fp32", t_ptr="*fp32", u_ptr="*fp32", x_ptr=f"*{op}", g_ptr=f"*{op}",
+                       dw_enc_ptr="*fp32", dw_dec_ptr="*fp32", db_enc_ptr="*fp32", dtheta_ptr="*fp32",
+                       D=i32, W=i32, half_bandwidth=f32, inv_bandwidth=f32,
                        stride_xb=i32, stride_xd=i32, stride_gb=i32, stride_gd=i32)
-            out.append((f"latent_grads {op}{'' if weights else ' dtheta only'}",
-                        latent_grads.latent_grads_kernel, sig,
-                        dict(WEIGHT_GRADS=weights, BLOCK_L=bk.latents, BLOCK_T=bk.tokens,
-                             BLOCK_D=bk.feat), gather,
+            name = (f"latent_grads {op}{'' if weights else ' dtheta only'}"
+                    f"{' +ste_to_input +coefficients' if ste else ''}")
+            out.append((name, latent_grads.latent_grads_kernel, sig,
+                        dict(WEIGHT_GRADS=weights, STE_TO_INPUT=ste, HAS_T=coefs, HAS_U=coefs,
+                             BLOCK_L=bk.latents, BLOCK_T=bk.tokens, BLOCK_D=bk.feat), gather,
                         dict(D=D, W=W, stride_xb=D, stride_xd=1, stride_gb=D, stride_gd=1)))
     sig = dict(keep_ptr="*i32", list_idx_ptr="*i32", list_cnt_ptr="*i32", W=i32, n_words=i32)
     out.append(("list_compact", list_compact.list_compact_kernel, sig,

@@ -143,8 +143,8 @@ def _blocks(B: int, D: int, W: int, device: torch.device) -> tuple[Blocks, int]:
 # --------------------------------------------------------------------------- forward / backward
 
 
-def _forward(x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam, precision, mode):
-    """Returns (loss, mse, l0, x_hat, firings) and the state the backward needs."""
+def _forward(x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam, precision, ste_to_input, mode):
+    """Returns (loss, mse, l0, x_hat, firings, l0_tokens, fire_counts) and the state the backward needs."""
     op_dtype, input_precision = PRECISIONS[precision]
     B, D = x.shape
     W = W_enc.shape[1]
@@ -166,22 +166,23 @@ def _forward(x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam, precision, mo
             bias=b_dec.contiguous(), x=x, block_m=blocks.mm_m, block_n=blocks.mm_epi_n,
             block_k=blocks.mm_k, group_m=blocks.mm_group, input_precision=input_precision,
             num_warps=blocks.mm_warps, num_stages=blocks.mm_stages, alloc=_alloc)
+        l0_tok = (enc["f"] != 0).sum(1, dtype=torch.int32)   # f > 0 exactly where active (theta > 0)
     else:
-        x_hat, sq_err = sparse_decode(enc, theta_c, w_dec_op, b_dec.contiguous(), x,
-                                      block_e=blocks.entries, block_d=blocks.feat,
-                                      num_warps=blocks.gather_warps, out_dtype=out_dtype,
-                                      alloc=_alloc)
+        x_hat, sq_err, l0_tok = sparse_decode(enc, theta_c, w_dec_op, b_dec.contiguous(), x,
+                                              block_e=blocks.entries, block_d=blocks.feat,
+                                              num_warps=blocks.gather_warps, out_dtype=out_dtype,
+                                              alloc=_alloc)
     mse = (sq_err.sum() / B).to(out_dtype)
     firings = enc["fire_cnt"].sum(0, dtype=torch.int64)
     l0 = (firings.sum().to(torch.float32) / B).to(out_dtype)
     loss = mse + lam * l0
     state = dict(x=x, x_op=x_op, x_hat=x_hat, theta=theta_c, w_dec_op=w_dec_op, enc=enc,
-                 bandwidth=bandwidth, lam=lam, blocks=blocks, dense=dense,
+                 bandwidth=bandwidth, lam=lam, blocks=blocks, dense=dense, ste_to_input=ste_to_input,
                  input_precision=input_precision, op_dtype=op_dtype)
-    return (loss, mse, l0, x_hat, firings), state
+    return (loss, mse, l0, x_hat, firings, l0_tok.to(out_dtype), firings.to(out_dtype)), state
 
 
-def _backward(st, g_loss, g_mse, g_l0, g_xhat):
+def _backward(st, g_loss, g_mse, g_l0, g_xhat, g_l0_tokens=None, g_fire_counts=None):
     """Gradients (dW_enc, db_enc, dtheta, dW_dec, db_dec) in float32."""
     x, x_hat, enc, blocks = st["x"], st["x_hat"], st["enc"], st["blocks"]
     B, D = x.shape
@@ -208,10 +209,13 @@ def _backward(st, g_loss, g_mse, g_l0, g_xhat):
                                                     num_warps=blocks.gather_warps,
                                                     out=list_buffer, alloc=_alloc)
     dense = st["dense"]
+    t = None if g_l0_tokens is None else g_l0_tokens.float().contiguous()
+    u = None if g_fire_counts is None else g_fire_counts.float().contiguous()
     dw_enc, dw_dec, db_enc, dtheta = latent_grads(
         latent_src, col_ptr, col_tot, enc, df, st["theta"], c0, st["x_op"], g_op,
         st["bandwidth"], block_l=blocks.latents, block_t=blocks.tokens, block_d=blocks.feat,
-        num_warps=blocks.gather_warps, weight_grads=not dense, alloc=_alloc)
+        num_warps=blocks.gather_warps, weight_grads=not dense, ste_to_input=st["ste_to_input"],
+        t=t, u=u, alloc=_alloc)
     if dense:
         mm = dict(block_m=blocks.mm_m, block_n=blocks.mm_n, block_k=blocks.mm_k,
                   group_m=blocks.mm_group, input_precision=st["input_precision"],
@@ -220,17 +224,20 @@ def _backward(st, g_loss, g_mse, g_l0, g_xhat):
         dpre, db_part = dense_matmul(g_op, st["w_dec_op"].t(), out_dtype=st["op_dtype"],
                                      epilogue=EPILOGUE_MASK, mask=f,
                                      **{**mm, "block_n": blocks.mm_epi_n})
-        db_enc = db_part.sum(0)
-        dw_enc = dense_matmul(st["x_op"].t(), dpre, **mm)
+        dw_enc_mask = dense_matmul(st["x_op"].t(), dpre, **mm)
         dw_dec = dense_matmul(f.t(), g_op, **mm)
+        if st["ste_to_input"]:      # the near-threshold lists gave the straight-through parts
+            dw_enc, db_enc = dw_enc_mask + dw_enc, db_part.sum(0) + db_enc
+        else:
+            dw_enc, db_enc = dw_enc_mask, db_part.sum(0)
     return dw_enc, db_enc, dtheta, dw_dec, g.sum(0)
 
 
 class JumpReLUSAETriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam, precision, mode):
+    def forward(ctx, x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam, precision, ste_to_input, mode):
         outputs, state = _forward(x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam,
-                                  precision, mode)
+                                  precision, ste_to_input, mode)
         # Parameters go through save_for_backward so that an in-place update between forward and
         # backward is caught; the kernels' own buffers ride on ctx.
         ctx.save_for_backward(theta, W_dec)
@@ -240,16 +247,16 @@ class JumpReLUSAETriton(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    def backward(ctx, g_loss, g_mse, g_l0, g_xhat, g_firings):
+    def backward(ctx, g_loss, g_mse, g_l0, g_xhat, g_firings, g_l0_tokens, g_fire_counts):
         ctx.saved_tensors  # noqa: B018  (raises if a parameter was modified in place)
         if ctx.state is None:
             raise RuntimeError("the fused JumpReLU SAE op supports one backward per forward (its "
                                "buffers are consumed); run the forward again instead of "
                                "retain_graph=True")
-        grads = _backward(ctx.state, g_loss, g_mse, g_l0, g_xhat)
+        grads = _backward(ctx.state, g_loss, g_mse, g_l0, g_xhat, g_l0_tokens, g_fire_counts)
         ctx.state = None
         grads = [gr.to(dt) for gr, dt in zip(grads, ctx.dtypes)]
-        return (None, *grads, None, None, None, None)
+        return (None, *grads, None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------- path selection
@@ -308,7 +315,7 @@ def _measure(args) -> str:
     times = {}
     for mode in ("sparse", "dense"):
         def step():
-            outputs, state = _forward(*args, mode)
+            outputs, state = _forward(*args, mode)     # args end with ste_to_input
             ones = outputs[0].new_ones(())
             _backward(state, ones, None, None, None)
         step()                                   # compiles
@@ -336,7 +343,7 @@ def _choose_mode(x, W_enc, args) -> str:
     density = _density.get(_sae_key(W_enc))
     if not x.is_cuda:
         return "dense" if density is not None and density > CPU_DENSE_ABOVE else "sparse"
-    key = (x.shape[0], x.shape[1], W, args[-1], x.device.index, _density_bucket(density))
+    key = (x.shape[0], x.shape[1], W, args[-2], args[-1], x.device.index, _density_bucket(density))
     if key not in _decisions:
         _decisions[key] = _measure(args)
     return _decisions[key]
@@ -344,9 +351,11 @@ def _choose_mode(x, W_enc, args) -> str:
 
 def jumprelu_sae_triton(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth=1e-3, lam=0.0,
                         precision: str | None = None, mode: str | None = None,
-                        return_firings: bool = False):
+                        return_firings: bool = False, ste_to_input: bool = False,
+                        return_counts: bool = False):
     """(loss, mse, l0, x_hat), and firings (int64 [W]: tokens on which each latent fired) with
-    return_firings; differentiable in W_enc, b_enc, threshold, W_dec, b_dec."""
+    return_firings, and the differentiable counts (l0_tokens [B], fire_counts [W]) with
+    return_counts (kernels/reference.py); differentiable in W_enc, b_enc, threshold, W_dec, b_dec."""
     if x.dim() != 2:
         raise ValueError(f"x must be [batch, d_in], got shape {tuple(x.shape)}")
     if not (bandwidth > 0 and math.isfinite(bandwidth)):
@@ -354,17 +363,20 @@ def jumprelu_sae_triton(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth=1e-3
     if x.shape[0] == 0:
         from .reference import jumprelu_sae_reference
         return jumprelu_sae_reference(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, lam,
-                                      return_firings=return_firings)
+                                      return_firings=return_firings, ste_to_input=ste_to_input,
+                                      return_counts=return_counts)
     precision = precision or _matmul_precision or ("bf16" if x.is_cuda else "fp32")
     if precision not in PRECISIONS:
         raise ValueError(f"matmul precision {precision!r}: choose one of {sorted(PRECISIONS)}")
     mode = mode or _mode
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose one of {MODES}")
-    args = (x, W_enc, b_enc, threshold, W_dec, b_dec, float(bandwidth), float(lam), precision)
+    args = (x, W_enc, b_enc, threshold, W_dec, b_dec, float(bandwidth), float(lam), precision, bool(ste_to_input))
     if mode == "auto":
         with torch.no_grad():
             mode = _choose_mode(x, W_enc, args)
     out = JumpReLUSAETriton.apply(*args, mode)
     _density.put(_sae_key(W_enc), out[2], W_enc.shape[1])
-    return out if return_firings else out[:4]
+    if return_counts:
+        return out
+    return out[:5] if return_firings else out[:4]

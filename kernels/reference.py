@@ -3,6 +3,19 @@
 This is the CPU default and the oracle every fused kernel is tested against. The backward is written
 out by hand, formula for formula, rather than left to autograd: the threshold's pseudo-derivative
 does not exist in autograd's view of a Heaviside step.
+
+Besides loss = mse + lam * l0, the op returns two differentiable counts through which any other
+sparsity penalty reaches the thresholds with the same straight-through estimator:
+`l0_tokens` [B] (active latents per token: Gemma Scope 2's quadratic penalty toward a target L0 is a
+function of it) and `fire_counts` [W] (tokens each latent fired on: a penalty on latents that fire
+too often is a function of it). Their incoming gradients t_b and u_i join the L0 term's c0 in the
+coefficient of each step H(pre_bi - theta_i):
+
+    coef[b, i] = c0 + t_b + u_i,        c0 = (dL/dloss * lam + dL/dl0) / B
+    dtheta_i   = -(1/eps) sum_b K_bi (theta_i df_bi + coef[b, i])
+
+`ste_to_input=True` (Anthropic's JumpReLU) also passes the straight-through gradient to the
+pre-activations, hence to W_enc and b_enc: dpre_bi = df_bi H_bi + (1/eps) K_bi (theta_i df_bi + coef[b, i]).
 """
 from __future__ import annotations
 
@@ -16,23 +29,25 @@ def rectangle(u: torch.Tensor) -> torch.Tensor:
 
 class JumpReLUSAEReference(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth: float, lam: float):
+    def forward(ctx, x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth: float, lam: float, ste_to_input: bool):
         pre = x @ W_enc + b_enc
         active = pre > theta
         f = pre * active
         x_hat = f @ W_dec + b_dec
         B = x.shape[0]
         mse = (x_hat - x).pow(2).sum(-1).mean()
-        l0 = active.sum(-1, dtype=x.dtype).mean() if B else x.new_zeros(())
+        l0_tokens = active.sum(-1, dtype=x.dtype)
+        l0 = l0_tokens.mean() if B else x.new_zeros(())
         loss = mse + lam * l0
         firings = active.sum(0, dtype=torch.int64)   # tokens on which each latent fired
+        fire_counts = firings.to(x.dtype)
         ctx.save_for_backward(x, pre, theta, W_dec, x_hat)
-        ctx.bandwidth, ctx.lam = bandwidth, lam
+        ctx.bandwidth, ctx.lam, ctx.ste_to_input = bandwidth, lam, ste_to_input
         ctx.mark_non_differentiable(firings)
-        return loss, mse, l0, x_hat, firings
+        return loss, mse, l0, x_hat, firings, l0_tokens, fire_counts
 
     @staticmethod
-    def backward(ctx, g_loss, g_mse, g_l0, g_xhat, g_firings):
+    def backward(ctx, g_loss, g_mse, g_l0, g_xhat, g_firings, g_l0_tokens, g_fire_counts):
         x, pre, theta, W_dec, x_hat = ctx.saved_tensors
         eps, lam = ctx.bandwidth, ctx.lam
         B = max(x.shape[0], 1)
@@ -45,18 +60,27 @@ class JumpReLUSAEReference(torch.autograd.Function):
         dW_dec = f.T @ g
         db_dec = g.sum(0)
         df = g @ W_dec.T
-        dpre = df * active                      # no STE term flows to pre
         window = rectangle((pre - theta) / eps) / eps
-        # JumpReLU pseudo-derivative (needs df at inactive near-threshold latents) + L0 pseudo-derivative
-        dtheta = -(theta * window * df).sum(0) - (g_loss * lam + g_l0) / B * window.sum(0)
+        coef = ((g_loss * lam + g_l0) / B).expand_as(pre)
+        if g_l0_tokens is not None:
+            coef = coef + g_l0_tokens[:, None]
+        if g_fire_counts is not None:
+            coef = coef + g_fire_counts[None, :]
+        # JumpReLU pseudo-derivative (needs df at inactive near-threshold latents) + the steps' one
+        ste = window * (theta * df + coef)
+        dtheta = -ste.sum(0)
+        dpre = df * active + ste if ctx.ste_to_input else df * active
         dW_enc = x.T @ dpre
         db_enc = dpre.sum(0)
-        return None, dW_enc, db_enc, dtheta, dW_dec, db_dec, None, None
+        return None, dW_enc, db_enc, dtheta, dW_dec, db_dec, None, None, None
 
 
 def jumprelu_sae_reference(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth=1e-3, sparsity_coeff=0.0,
-                           return_firings=False):
-    """(loss, mse, l0, x_hat), plus firings (int64 [W]) with return_firings."""
+                           return_firings=False, ste_to_input=False, return_counts=False):
+    """(loss, mse, l0, x_hat), plus firings (int64 [W]) with return_firings, plus the differentiable
+    counts (l0_tokens [B], fire_counts [W]) with return_counts."""
     out = JumpReLUSAEReference.apply(x, W_enc, b_enc, threshold, W_dec, b_dec,
-                                     float(bandwidth), float(sparsity_coeff))
-    return out if return_firings else out[:4]
+                                     float(bandwidth), float(sparsity_coeff), bool(ste_to_input))
+    if return_counts:
+        return out
+    return out[:5] if return_firings else out[:4]

@@ -12,7 +12,7 @@ from evaluate.run_eval import run_evaluation
 from evaluate.sources import RunError
 from tests.cache_factory import sparse_feature_activations, write_cache
 from train.run_folder import load_sae, save_sae
-from train.sae import GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE
+from train.sae import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE
 
 # Synthetic caches record no model: delta LM loss is skipped, with this warning.
 pytestmark = pytest.mark.filterwarnings("ignore:.*records no model")
@@ -38,7 +38,10 @@ def _perturbed(sae, seed):
 def _normalised_sae(arch, seed=0):
     g = torch.Generator().manual_seed(seed)
     sae = {"jumprelu": lambda: JumpReLUSAE(D, W, g), "relu": lambda: ReLUSAE(D, W, g),
-           "topk": lambda: TopKSAE(D, W, g, k=4), "gated": lambda: GatedSAE(D, W, g)}[arch]()
+           "topk": lambda: TopKSAE(D, W, g, k=4), "gated": lambda: GatedSAE(D, W, g),
+           "batchtopk": lambda: BatchTopKSAE(D, W, g, k=4)}[arch]()
+    if arch == "batchtopk":          # its inference threshold, learnt in training: one for every latent
+        sae.threshold.fill_(0.15)
     return _perturbed(sae, seed)
 
 
@@ -65,7 +68,7 @@ def _export(run, fmt, out, **kw):
     return export(ExportConfig(run=str(run), format=fmt, out=str(out), **kw))
 
 
-@pytest.mark.parametrize("arch", ["jumprelu", "relu"])
+@pytest.mark.parametrize("arch", ["jumprelu", "relu", "batchtopk"])
 def test_gemmascope_round_trip_is_exact(run_of, tmp_path, arch):
     run, normalised = run_of(arch)
     ours, _ = load_sae(run)
@@ -117,7 +120,7 @@ def test_export_never_overwrites_unasked(run_of, tmp_path):
         _export(run, "npz", tmp_path / "other")
 
 
-@pytest.mark.parametrize("arch", ["jumprelu", "relu", "topk", "gated"])
+@pytest.mark.parametrize("arch", ["jumprelu", "relu", "topk", "gated", "batchtopk"])
 def test_saelens_loads_the_export_with_identical_outputs(run_of, tmp_path, arch):
     sae_lens = pytest.importorskip("sae_lens")
     run, normalised = run_of(arch)

@@ -21,7 +21,7 @@ PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 @pytest.mark.skipif(not PTXAS.exists(), reason="this Triton wheel has no bundled ptxas")
 def test_kernels_compile_for_sm90_without_spills():
     by_name = _rows()
-    assert len(by_name) == 23
+    assert len(by_name) == 27    # latent_grads in four variants per operand dtype
     for name, row in by_name.items():
         assert row["shared"] <= 227 * 1024, name
         assert row["local"] in (0, None), name

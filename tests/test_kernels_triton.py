@@ -155,6 +155,44 @@ def test_triton_matches_float64_reference(poisoned, B, D, W, regime, seed, preci
     check_against_reference(B, D, W, regime, precision, seed, mode)
 
 
+def run_with_counts(fn, x, params, lam, weights, dtype, ste_to_input, **kw):
+    """Like `run`, with the per-token L0 and per-latent firing counts also in the objective (random
+    weights T, U: the coefficients quadratic and frequency penalties hand the kernel) and the
+    straight-through gradient to the inputs on or off."""
+    ps = [p.detach().to(dtype).requires_grad_(True) for p in params]
+    (a, R), (T, U) = weights
+    loss, mse, l0, x_hat, firings, l0_tokens, fire_counts = fn(
+        x.to(dtype), *ps, BANDWIDTH, lam, return_counts=True, ste_to_input=ste_to_input, **kw)
+    total = (a[0] * loss + a[1] * mse + a[2] * l0 + (x_hat * R.to(x_hat)).sum()
+             + (l0_tokens * T.to(l0_tokens)).sum() + (fire_counts * U.to(fire_counts)).sum())
+    total.backward()
+    return dict(loss=loss, x_hat=x_hat, l0_tokens=l0_tokens, fire_counts=fire_counts, W_enc=ps[0].grad,
+                b_enc=ps[1].grad, threshold=ps[2].grad, W_dec=ps[3].grad, b_dec=ps[4].grad)
+
+
+@pytest.mark.parametrize("ste_to_input", [False, True])
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+@pytest.mark.parametrize("B,D,W,regime,seed", [(33, 18, 61, "mixed", 5)])
+def test_triton_counts_and_ste_to_input_match_float64_reference(poisoned, B, D, W, regime, seed, mode,
+                                                                 ste_to_input):
+    x, params = make_problem(B, D, W, regime, "fp32", seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    weights = (objective_weights(B, D, seed), (torch.randn(B, generator=g), torch.randn(W, generator=g)))
+    got = run_with_counts(jt.jumprelu_sae_triton, x, params, 0.4, weights, torch.float32, ste_to_input,
+                          precision="fp32", mode=mode)
+    want = run_with_counts(kernels.jumprelu_sae_reference, x.cpu(), [p.cpu() for p in params], 0.4, weights,
+                           torch.float64, ste_to_input)
+    assert torch.equal(got["l0_tokens"].cpu().double(), want["l0_tokens"])
+    assert torch.equal(got["fire_counts"].cpu().double(), want["fire_counts"])
+    for name in ("loss", "x_hat", "W_enc", "b_enc", "threshold", "W_dec", "b_dec"):
+        err = rel_err(got[name], want[name])
+        assert err < REL_TOL, f"{name}: relative error {err:.3g}"
+    if ste_to_input:   # the straight-through term must reach the encoder, or this checks nothing new
+        plain = run_with_counts(kernels.jumprelu_sae_reference, x.cpu(), [p.cpu() for p in params], 0.4,
+                                weights, torch.float64, False)
+        assert rel_err(plain["W_enc"], want["W_enc"]) > 1e-3
+
+
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
 def test_triton_is_deterministic(poisoned, mode):
     x, params = make_problem(31, 19, 58, "mixed", "fp32", 7)

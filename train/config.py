@@ -14,18 +14,31 @@ from omegaconf import MISSING
 
 @dataclass
 class SAEConfig:
-    architecture: str = "jumprelu"        # jumprelu | relu | topk | gated
+    architecture: str = "jumprelu"        # jumprelu | relu | topk | batchtopk | gated
     width: int = 0                        # d_sae; 0 means expansion * d_in
     expansion: int = 8
     sparsity_coeff: float = 1e-3          # lambda, in the normalised space (E||x||^2 = 1)
-    sparsity_loss: str = "l0"             # jumprelu: l0 (the paper) or l1 (ablation)
+    # jumprelu: l0 (the paper) | quadratic (Gemma Scope 2, toward target_l0) | l1 (ablation) | tanh (Anthropic)
+    sparsity_loss: str = "l0"
     bandwidth: float = 1e-3               # STE bandwidth eps
     theta_init: float = 1e-3
+    # > 0: thresholds set from the first batch instead, so that each latent fires on this fraction of it
+    theta_init_quantile: float = 0.0
     theta_parametrisation: str = "raw"    # raw (clamped at theta_min after each step) | log
     theta_min: float = 1e-6
-    k: int = 32                           # topk only
-    aux_k: int = 0                        # topk: AuxK latents among the dead ones (0: off; Gao et al.: 512)
-    aux_coeff: float = 0.03125            # topk: weight of the AuxK loss (1/32)
+    target_l0: float = 0.0                # jumprelu quadratic: the target L0
+    tanh_scale: float = 4.0               # jumprelu tanh: c in tanh(c f)
+    ste_to_input: bool = False            # jumprelu: the straight-through gradient also reaches pre (Anthropic)
+    pre_act_coeff: float = 0.0            # jumprelu: pre-activation loss on dead latents (Anthropic; 0: off)
+    frequency_coeff: float = 0.0          # jumprelu: penalty on latents firing above frequency_target (0: off)
+    frequency_target: float = 0.1
+    # jumprelu, batchtopk: Matryoshka prefixes as fractions of the width, e.g. [0.0625, 0.25] ([]: off)
+    matryoshka_fractions: List[float] = field(default_factory=list)
+    b_dec_init: str = "zeros"             # zeros | mean (of the first batch)
+    k: float = 32                         # topk (an integer), batchtopk (a mean over the batch)
+    aux_k: int = 0                        # topk, batchtopk: AuxK latents among the dead ones (0: off; Gao et al.: 512)
+    aux_coeff: float = 0.03125            # weight of the AuxK loss (1/32)
+    threshold_momentum: float = 0.01      # batchtopk: running mean of the smallest kept value (inference threshold)
 
 
 @dataclass
@@ -38,6 +51,7 @@ class OptimConfig:
     lr_warmup_start: float = 0.1
     lr_decay_fraction: float = 0.0        # linear decay to 0 over this last fraction of steps (0: none)
     lambda_warmup_steps: int = 10000      # lambda ramped linearly from 0
+    grad_clip_norm: float = 0.0           # clip the gradient's global norm to this before each step (0: off)
 
 
 @dataclass

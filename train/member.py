@@ -31,11 +31,15 @@ class Member:
         lr = lr_at(step, self.total_steps, self.cfg.optim)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        dead = self.stats.dead_mask() if getattr(self.sae, "aux_k", 0) > 0 else None
+        if step == 0:
+            self.sae.initialise_from_batch(x, self.cfg.sae)
+        dead = self.stats.dead_mask() if self.sae.uses_dead_mask else None
         out = self.sae.training_loss(x, lam, self.backend, want_firings=track_latents, dead=dead)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         remove_parallel_grad(self.sae.W_dec)
+        if self.cfg.optim.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.optim.grad_clip_norm)
         self.optimizer.step()
         renormalise_rows(self.sae.W_dec)
         self.sae.after_step()

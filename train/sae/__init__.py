@@ -1,5 +1,6 @@
-"""Sparse autoencoders, one module per family: JumpReLU (shared/DESIGN.md, "The SAE") and the
-baselines ReLU+L1, TopK, Gated; `base` holds what they share.
+"""Sparse autoencoders, one module per family: JumpReLU (shared/DESIGN.md, "The SAE"; with the
+sparsity losses of Gemma Scope 2 and Anthropic), TopK and BatchTopK (with Matryoshka prefixes), and
+the baselines ReLU+L1 and Gated; `base` holds what they share.
 
 `build_sae(cfg, d_in, generator)` makes one from a `SAEConfig` (conf/sae/*.yaml); `ARCHITECTURES`
 maps the names recorded in sae.json to classes.
@@ -12,9 +13,16 @@ from .base import SparseAutoencoder, StepOutput, decoder_init
 from .gated import GatedSAE
 from .jumprelu import JumpReLUFunction, JumpReLUSAE
 from .relu import ReLUSAE
-from .topk import TopKSAE
+from .topk import BatchTopKSAE, TopKSAE
 
-ARCHITECTURES = {cls.architecture: cls for cls in (JumpReLUSAE, ReLUSAE, TopKSAE, GatedSAE)}
+ARCHITECTURES = {cls.architecture: cls for cls in (JumpReLUSAE, ReLUSAE, TopKSAE, BatchTopKSAE, GatedSAE)}
+
+
+def matryoshka_widths(cfg, d_sae: int) -> tuple[int, ...]:
+    fractions = list(cfg.matryoshka_fractions)
+    if any(not 0 < fr <= 1 for fr in fractions):
+        raise ValueError(f"sae.matryoshka_fractions {fractions}: each in (0, 1]")
+    return tuple(max(1, round(fr * d_sae)) for fr in fractions)
 
 
 def build_sae(cfg, d_in: int, generator: torch.Generator) -> SparseAutoencoder:
@@ -25,11 +33,20 @@ def build_sae(cfg, d_in: int, generator: torch.Generator) -> SparseAutoencoder:
     if cfg.architecture == "jumprelu":
         return JumpReLUSAE(d_in, d_sae, generator, theta_init=cfg.theta_init, bandwidth=cfg.bandwidth,
                            sparsity_loss=cfg.sparsity_loss, theta_parametrisation=cfg.theta_parametrisation,
-                           theta_min=cfg.theta_min)
+                           theta_min=cfg.theta_min, target_l0=cfg.target_l0, tanh_scale=cfg.tanh_scale,
+                           ste_to_input=cfg.ste_to_input, pre_act_coeff=cfg.pre_act_coeff,
+                           frequency_coeff=cfg.frequency_coeff, frequency_target=cfg.frequency_target,
+                           matryoshka_widths=matryoshka_widths(cfg, d_sae))
     if cfg.architecture == "topk":
-        return TopKSAE(d_in, d_sae, generator, k=cfg.k, aux_k=cfg.aux_k, aux_coeff=cfg.aux_coeff)
+        if float(cfg.k) != int(cfg.k):
+            raise ValueError(f"topk k must be an integer, got {cfg.k} (batchtopk takes a mean k)")
+        return TopKSAE(d_in, d_sae, generator, k=int(cfg.k), aux_k=cfg.aux_k, aux_coeff=cfg.aux_coeff)
+    if cfg.architecture == "batchtopk":
+        return BatchTopKSAE(d_in, d_sae, generator, k=float(cfg.k), aux_k=cfg.aux_k, aux_coeff=cfg.aux_coeff,
+                            threshold_momentum=cfg.threshold_momentum,
+                            matryoshka_widths=matryoshka_widths(cfg, d_sae))
     return ARCHITECTURES[cfg.architecture](d_in, d_sae, generator)
 
 
-__all__ = ["ARCHITECTURES", "GatedSAE", "JumpReLUFunction", "JumpReLUSAE", "ReLUSAE", "SparseAutoencoder",
+__all__ = ["ARCHITECTURES", "BatchTopKSAE", "GatedSAE", "JumpReLUFunction", "JumpReLUSAE", "ReLUSAE", "SparseAutoencoder",
            "StepOutput", "TopKSAE", "build_sae", "decoder_init"]

@@ -21,6 +21,19 @@ class StepOutput:
     firings: torch.Tensor | None  # int64 [d_sae]: tokens of the batch on which each latent fired
 
 
+def matryoshka_mse(x: torch.Tensor, f: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
+                   widths: tuple[int, ...]) -> torch.Tensor:
+    """Mean over nested prefixes of the dictionary of the reconstruction error of each prefix alone
+    (Matryoshka SAEs, Bussmann et al. 2025; Gemma Scope 2). `widths` ascend and end at d_sae; the
+    partial reconstructions are accumulated prefix by prefix, so the cost is one decode."""
+    total, x_hat, start = 0.0, b_dec.expand_as(x), 0
+    for w in widths:
+        x_hat = x_hat + f[:, start:w] @ W_dec[start:w]
+        total = total + (x_hat - x).pow(2).sum(-1).mean()
+        start = w
+    return total / len(widths)
+
+
 def decoder_init(d_sae: int, d_in: int, generator: torch.Generator) -> torch.Tensor:
     W = torch.empty(d_sae, d_in)
     bound = (6.0 / d_in) ** 0.5   # He-uniform; only the direction survives the row normalisation
@@ -52,6 +65,29 @@ class SparseAutoencoder(nn.Module):
                       dead: torch.Tensor | None = None) -> StepOutput:
         """dead: bool [d_sae], latents dead so far (only TopK's AuxK uses it)."""
         raise NotImplementedError
+
+    def check_widths(self, widths) -> tuple[int, ...]:
+        """Matryoshka prefix widths: ascending, ending at d_sae (added when missing); () for none."""
+        widths = tuple(int(w) for w in widths or ())
+        if not widths:
+            return ()
+        if widths[-1] != self.d_sae:
+            widths = widths + (self.d_sae,)
+        if any(b <= a for a, b in zip(widths, widths[1:])) or widths[0] < 1 or widths[-1] > self.d_sae:
+            raise ValueError(f"matryoshka_widths {list(widths)}: ascending widths in [1, d_sae={self.d_sae}]")
+        return widths
+
+    @torch.no_grad()
+    def initialise_from_batch(self, x: torch.Tensor, cfg) -> None:
+        """Data-dependent initialisation from the first training batch (a fresh run's step 0):
+        b_dec_init=mean sets b_dec to the batch mean; families add their own (JumpReLU thresholds)."""
+        if getattr(cfg, "b_dec_init", "zeros") == "mean":
+            self.b_dec.copy_(x.mean(0).to(self.b_dec.dtype))
+
+    @property
+    def uses_dead_mask(self) -> bool:
+        """Whether training_loss needs the dead-latent mask (AuxK, pre-activation loss)."""
+        return False
 
     def hyperparameters(self) -> dict:
         """Constructor arguments beyond d_in, d_sae that inference needs (recorded in sae.json)."""

@@ -1,5 +1,25 @@
 """JumpReLU SAEs (shared/DESIGN.md, "The SAE"): f = pre * H(pre - theta), thresholds trained through
-straight-through estimators."""
+straight-through estimators (STE), with the sparsity losses of the papers and the peers:
+
+- `l0` (the JumpReLU paper, Gemma Scope): lambda * mean_b sum_i H(pre_bi - theta_i);
+- `quadratic` (Gemma Scope 2): lambda * mean_b (2 / T) (L0_b - T)^2, a penalty toward the target
+  L0 T = `target_l0` through the same STE (per-token coefficient);
+- `l1`: lambda * mean_b sum_i f_bi (the ablation's L1 arm);
+- `tanh` (Anthropic): lambda * mean_b sum_i tanh(c f_bi), c = `tanh_scale` (decoder rows have unit norm).
+
+`l0` and `quadratic` go through `kernels.jumprelu_sae` (Triton on CUDA); `l1` and `tanh` through
+autograd with `JumpReLUFunction`. Options, any loss:
+- `ste_to_input` (Anthropic): the STE also passes gradient to the pre-activations;
+- `pre_act_coeff` (Anthropic, on dead latents only as SAELens does): + coeff * mean_b sum_{i dead}
+  relu(theta_i - pre_bi), pulling latents that never fire toward their thresholds;
+- `frequency_coeff`, `frequency_target` (a penalty on latents that fire too often, in the spirit of
+  Gemma Scope 2's; its exact form is not published: ours is coeff * sum_i relu(p_i - target)^2 with
+  p_i the latent's firing rate in the batch, through the STE);
+- `matryoshka_widths` (Gemma Scope 2): the reconstruction loss is the mean over nested prefixes of
+  the dictionary (each width's own reconstruction, the full width last), so the first latents learn
+  the most general features; trained through autograd.
+Thresholds are `raw` (clamped at theta_min after each step) or `log` (theta = exp(s)).
+"""
 from __future__ import annotations
 
 import torch
@@ -7,18 +27,20 @@ from torch import nn
 
 import kernels
 
-from .base import SparseAutoencoder, StepOutput
+from .base import SparseAutoencoder, StepOutput, matryoshka_mse
+
+SPARSITY_LOSSES = ("l0", "quadratic", "l1", "tanh")
 
 
 class JumpReLUFunction(torch.autograd.Function):
-    """f = pre * H(pre - theta) with the straight-through threshold gradient (used for the L1 variant;
-    the L0 loss goes through kernels.jumprelu_sae)."""
+    """f = pre * H(pre - theta) with the straight-through threshold gradient (and, with ste_to_input,
+    the same term toward pre)."""
 
     @staticmethod
-    def forward(ctx, pre, theta, bandwidth: float):
+    def forward(ctx, pre, theta, bandwidth: float, ste_to_input: bool = False):
         active = pre > theta
         ctx.save_for_backward(pre, theta, active)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
         return pre * active
 
     @staticmethod
@@ -26,8 +48,36 @@ class JumpReLUFunction(torch.autograd.Function):
         pre, theta, active = ctx.saved_tensors
         eps = ctx.bandwidth
         window = ((pre - theta) / eps).abs() < 0.5
-        dtheta = -(theta / eps) * (window * g).sum(0)
-        return g * active, dtheta, None
+        ste = (theta / eps) * window * g
+        dpre = g * active + ste if ctx.ste_to_input else g * active
+        return dpre, -ste.sum(0), None, None
+
+
+class StepFunction(torch.autograd.Function):
+    """H(pre - theta) with the straight-through estimator: d/dtheta = -K/eps (and +K/eps toward pre
+    with ste_to_input). The L0 count of the autograd path (Matryoshka with an L0-type loss)."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, bandwidth: float, ste_to_input: bool = False):
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        ste = (((pre - theta) / eps).abs() < 0.5) * g / eps
+        return (ste if ctx.ste_to_input else None), -ste.sum(0), None, None
+
+
+def quadratic_l0_penalty(l0_tokens: torch.Tensor, target: float) -> torch.Tensor:
+    """Gemma Scope 2's per-token penalty toward a target L0, averaged over the batch."""
+    return (2.0 / target * (l0_tokens - target).pow(2)).mean()
+
+
+def frequency_penalty(fire_counts: torch.Tensor, batch: int, target: float) -> torch.Tensor:
+    return torch.relu(fire_counts / batch - target).pow(2).sum()
 
 
 class JumpReLUSAE(SparseAutoencoder):
@@ -35,14 +85,24 @@ class JumpReLUSAE(SparseAutoencoder):
     scaled_by_normalisation = ("b_enc", "b_dec", "threshold")
 
     def __init__(self, d_in, d_sae, generator=None, theta_init: float = 1e-3, bandwidth: float = 1e-3,
-                 sparsity_loss: str = "l0", theta_parametrisation: str = "raw", theta_min: float = 1e-6):
+                 sparsity_loss: str = "l0", theta_parametrisation: str = "raw", theta_min: float = 1e-6,
+                 target_l0: float = 0.0, tanh_scale: float = 4.0, ste_to_input: bool = False,
+                 pre_act_coeff: float = 0.0, frequency_coeff: float = 0.0, frequency_target: float = 0.1,
+                 matryoshka_widths=()):
         super().__init__(d_in, d_sae, generator)
-        if sparsity_loss not in ("l0", "l1"):
-            raise ValueError(f"jumprelu sparsity_loss must be l0 or l1, got {sparsity_loss!r}")
+        if sparsity_loss not in SPARSITY_LOSSES:
+            raise ValueError(f"jumprelu sparsity_loss must be one of {', '.join(SPARSITY_LOSSES)}, "
+                             f"got {sparsity_loss!r}")
         if theta_parametrisation not in ("raw", "log"):
             raise ValueError(f"theta_parametrisation must be raw or log, got {theta_parametrisation!r}")
+        if sparsity_loss == "quadratic" and not target_l0 > 0:
+            raise ValueError("sparsity_loss=quadratic needs target_l0 > 0")
         self.bandwidth, self.sparsity_loss, self.theta_min = float(bandwidth), sparsity_loss, float(theta_min)
         self.theta_parametrisation = theta_parametrisation
+        self.target_l0, self.tanh_scale, self.ste_to_input = float(target_l0), float(tanh_scale), bool(ste_to_input)
+        self.pre_act_coeff = float(pre_act_coeff)
+        self.frequency_coeff, self.frequency_target = float(frequency_coeff), float(frequency_target)
+        self.matryoshka_widths = self.check_widths(matryoshka_widths)
         self.W_enc = nn.Parameter(self.W_dec.detach().T.clone())
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         theta = torch.full((self.d_sae,), float(theta_init))
@@ -55,27 +115,83 @@ class JumpReLUSAE(SparseAutoencoder):
     def threshold(self) -> torch.Tensor:
         return self.raw_threshold if self.theta_parametrisation == "raw" else self.log_threshold.exp()
 
+    @property
+    def uses_dead_mask(self) -> bool:
+        return self.pre_act_coeff > 0
+
+    @torch.no_grad()
+    def initialise_from_batch(self, x, cfg) -> None:
+        """theta_init_quantile q > 0: each threshold at the (1 - q) quantile of its latent's
+        pre-activations on the first batch (the scale of the data, not a constant)."""
+        super().initialise_from_batch(x, cfg)
+        q = float(getattr(cfg, "theta_init_quantile", 0.0))
+        if q > 0:
+            pre = x @ self.W_enc + self.b_enc
+            theta = torch.quantile(pre.float(), 1.0 - q, dim=0).clamp_min(max(self.theta_min, 1e-6))
+            if self.theta_parametrisation == "raw":
+                self.raw_threshold.copy_(theta)
+            else:
+                self.log_threshold.copy_(theta.log())
+
     def encode(self, x):
         pre = x @ self.W_enc + self.b_enc
         return pre * (pre > self.threshold)
 
     def training_loss(self, x, sparsity_coeff, backend, want_firings=True, dead=None):
-        if self.sparsity_loss == "l0":
-            out = kernels.jumprelu_sae(x, self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec,
-                                       bandwidth=self.bandwidth, sparsity_coeff=sparsity_coeff, backend=backend)
-            firings = out.firings
-            if firings is None and want_firings:   # a backend that does not count them: one more GEMM
-                with torch.no_grad():
-                    firings = ((x @ self.W_enc + self.b_enc) > self.threshold).sum(0)
-            return StepOutput(out.loss, out.mse.detach(), out.l0.detach(), firings)
+        if self.sparsity_loss in ("l0", "quadratic") and not self.matryoshka_widths:
+            out = self._kernel_loss(x, sparsity_coeff, backend)
+        else:
+            out = self._autograd_loss(x, sparsity_coeff)
+        loss, mse, l0, firings = out
+        if self.pre_act_coeff > 0 and dead is not None and bool(dead.any()):
+            idx = dead.nonzero().squeeze(1)
+            pre_dead = x @ self.W_enc[:, idx] + self.b_enc[idx]
+            loss = loss + self.pre_act_coeff * torch.relu(self.threshold[idx] - pre_dead).sum(-1).mean()
+        return StepOutput(loss, mse, l0, firings)
+
+    def _sparsity(self, lam, l0_tokens, fire_counts, batch):
+        """The loss terms that are functions of the STE counts (L0 per token, firings per latent)."""
+        penalty = 0.0
+        if self.sparsity_loss == "quadratic":
+            penalty = lam * quadratic_l0_penalty(l0_tokens, self.target_l0)
+        if self.frequency_coeff > 0:
+            penalty = penalty + self.frequency_coeff * frequency_penalty(fire_counts, batch, self.frequency_target)
+        return penalty
+
+    def _kernel_loss(self, x, lam, backend):
+        l0_loss = self.sparsity_loss == "l0"
+        out = kernels.jumprelu_sae(x, self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec,
+                                   bandwidth=self.bandwidth, sparsity_coeff=lam if l0_loss else 0.0,
+                                   backend=backend, ste_to_input=self.ste_to_input)
+        loss = (out.loss if l0_loss else out.mse) + self._sparsity(lam, out.l0_tokens, out.fire_counts, x.shape[0])
+        return loss, out.mse.detach(), out.l0.detach(), out.firings
+
+    def _autograd_loss(self, x, lam):
         pre = x @ self.W_enc + self.b_enc
-        f = JumpReLUFunction.apply(pre, self.threshold, self.bandwidth)
-        mse = self._mse(x, self.decode(f))
-        active = (f > 0).detach()
-        # f >= theta > 0 where active: L1 = sum f, whose derivative is 1 also at inactive latents (abs()
-        # would give 0 there and drop the L1 term from the threshold's straight-through gradient)
-        loss = mse + sparsity_coeff * f.sum(-1).mean()
-        return StepOutput(loss, mse.detach(), active.sum(-1, dtype=x.dtype).mean(), active.sum(0))
+        theta = self.threshold
+        f = JumpReLUFunction.apply(pre, theta, self.bandwidth, self.ste_to_input)
+        if self.matryoshka_widths:
+            mse = matryoshka_mse(x, f, self.W_dec, self.b_dec, self.matryoshka_widths)
+        else:
+            mse = self._mse(x, self.decode(f))
+        active = (pre > theta).detach()
+        if self.sparsity_loss in ("l0", "quadratic") or self.frequency_coeff > 0:
+            steps = StepFunction.apply(pre, theta, self.bandwidth, self.ste_to_input)
+            l0_tokens, fire_counts = steps.sum(-1), steps.sum(0)
+        if self.sparsity_loss == "l0":
+            penalty = lam * l0_tokens.mean()
+        elif self.sparsity_loss == "l1":
+            # f >= theta > 0 where active: L1 = sum f, whose derivative is 1 also at inactive latents
+            # (abs() would give 0 there and drop the L1 term from the threshold's STE gradient)
+            penalty = lam * f.sum(-1).mean()
+        elif self.sparsity_loss == "tanh":
+            penalty = lam * torch.tanh(self.tanh_scale * f).sum(-1).mean()
+        else:
+            penalty = 0.0
+        if self.sparsity_loss == "quadratic" or self.frequency_coeff > 0:
+            penalty = penalty + self._sparsity(lam, l0_tokens, fire_counts, x.shape[0])
+        report_mse = mse if not self.matryoshka_widths else self._mse(x, self.decode(f)).detach()
+        return (mse + penalty, report_mse.detach(), active.sum(-1, dtype=x.dtype).mean(), active.sum(0))
 
     def after_step(self):
         if self.theta_parametrisation == "raw":

@@ -1,0 +1,143 @@
+"""`make quality` / `python -m quality`: our trainer against SAELens on the same data, side by side.
+
+For every cache (synthetic regimes with known features, and harvested LM caches) and every budget:
+each arm (a recipe with a sweep of its sparsity knob) is trained on the same rows in the same order
+(our loader, one seed) for the same number of tokens; every SAE is then scored on the same held-out
+sequences: L0, FVU, dead and alive latents, recovery of the true features (synthetic), delta LM loss
+(LM caches). Outputs under `out/`: results.json, report.md (tables, comparisons at equal L0) and a
+frontier plot per cache and budget.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import QualityConfig
+from .ours_arm import member_name, train_ours
+from .saelens_arm import available as saelens_available, train_saelens
+from .synthetic import FEATURES_FILE, LAYER, SUBLAYER, write_synthetic_cache
+
+
+def _caches(cfg: QualityConfig) -> list[dict]:
+    out = []
+    for regime in cfg.regimes:
+        if cfg.only_regimes and regime.name not in cfg.only_regimes:
+            continue
+        path = Path(cfg.out) / "caches" / regime.name
+        write_synthetic_cache(path, regime, cfg.synthetic_tokens, progress=cfg.progress)
+        out.append({"name": regime.name, "cache": str(path), "layer": LAYER, "sublayer": SUBLAYER,
+                    "features": str(path / FEATURES_FILE), "regime": asdict(regime)})
+    for lm in cfg.lm_caches:
+        if cfg.only_regimes and lm.name not in cfg.only_regimes:
+            continue
+        out.append({"name": lm.name, "cache": lm.cache, "layer": lm.layer, "sublayer": lm.sublayer,
+                    "features": None})
+    return out
+
+
+def _loader_batches(cache: dict, cfg: QualityConfig, batch_size: int):
+    """The batches our trainer sees, in its order, as float32 raw activations (what SAELens gets)."""
+    from train.cache_reader import heldout_sequences, open_activations
+    from train.loader import ChunkLoader
+    source = open_activations(cache["cache"], cache["layer"], cache["sublayer"])
+    held = heldout_sequences(source.n_sequences, cfg.heldout_fraction, 0)
+    loader = ChunkLoader(source, np.flatnonzero(source.complete), held, batch_size, cfg.buffer_tokens,
+                         cfg.seed, device=cfg.device)
+
+    def batches():
+        while True:
+            yield loader.next_batch().to(torch.float32).clone()
+    return source, batches()
+
+
+def _targets(cache: dict, budget, cfg: QualityConfig, run_dir: Path) -> list:
+    """Train every selected arm at `budget`; one EvalTarget per SAE."""
+    from evaluate.sources import EvalTarget
+    from train.run_folder import load_sae
+    arms = [a for a in cfg.arms if not cfg.only_arms or a.name in cfg.only_arms]
+    ours = [a for a in arms if a.trainer == "ours"]
+    peers = [a for a in arms if a.trainer == "saelens"]
+    heldout = {"fraction": cfg.heldout_fraction, "seed": 0}
+    targets = []
+    if ours:
+        done = train_ours(ours, cache["cache"], cache["layer"], cache["sublayer"], run_dir / "ours", budget, cfg)
+        for arm in ours:
+            for level in arm.levels:
+                name = member_name(arm.name, level)
+                sae, meta = load_sae(done["folders"][name])
+                meta = {**meta, "label": arm.name, "trainer": "ours", "level": level,
+                        "ms_per_step": done["ms_per_member_step"]}
+                targets.append(EvalTarget(name=name, path=done["folders"][name], sae=sae, meta=meta,
+                                          layer=cache["layer"], sublayer=cache["sublayer"], cache=cache["cache"],
+                                          heldout=heldout))
+    if peers and not saelens_available():
+        print("[quality] sae-lens is not installed (pip install -e '.[saelens]'): its arms are skipped")
+        peers = []
+    steps = int(budget.tokens) // budget.batch_size
+    for arm in peers:
+        for level in arm.levels:
+            source, batches = _loader_batches(cache, cfg, budget.batch_size)
+            d_sae = cfg.width or cfg.expansion * source.width
+            sae, timing = train_saelens(arm.preset, arm.knob, level, dict(arm.overrides), batches, source.width, d_sae,
+                                        steps, budget.batch_size, budget.lr, budget.lr_warmup_steps,
+                                        max(1, int(budget.sparsity_warmup_fraction * steps)), cfg.device, cfg.seed)
+            name = member_name(arm.name, level)
+            meta = {"architecture": arm.preset, "label": arm.name, "trainer": "saelens", "level": level,
+                    "ms_per_step": timing["ms_per_step"]}
+            targets.append(EvalTarget(name=name, path=run_dir / "saelens" / name, sae=sae, meta=meta,
+                                      layer=cache["layer"], sublayer=cache["sublayer"], cache=cache["cache"],
+                                      heldout=heldout))
+    return targets
+
+
+def _score(targets: list, cache: dict, cfg: QualityConfig) -> list[dict]:
+    from evaluate.config import EvalConfig
+    from evaluate.evaluation import evaluate_targets
+    from evaluate.features import feature_recovery, load_features
+    eval_cfg = EvalConfig(run="", max_tokens=cfg.eval_tokens, progress=cfg.progress, plots=False,
+                          delta_lm_sequences=cfg.delta_lm_sequences if cache["features"] is None else 0,
+                          device=cfg.device)
+    results = evaluate_targets(targets, eval_cfg)
+    features = load_features(cache["features"], targets[0].sae.d_in) if cache["features"] else None
+    rows = []
+    for t, r in zip(targets, results):
+        rec = r["reconstruction"]
+        freq = np.asarray(rec.firing_frequency)
+        row = {"name": t.name, "arm": t.meta["label"], "trainer": t.meta["trainer"], "level": t.meta["level"],
+               "l0": rec.l0, "fvu": rec.fvu, "dead_fraction": rec.dead_fraction, "alive": int((freq > 0).sum()),
+               "dense_fraction": rec.dense_fraction, "ms_per_step": t.meta["ms_per_step"]}
+        if features is not None:
+            got = feature_recovery(t.sae.W_dec, features, cfg.match_threshold)
+            row["mmcs"], row["recovered"] = got["mean_max_cosine"], got["recovered_fraction"]
+        lm = r.get("delta_lm", {})
+        for k in ("delta_ce", "fraction_recovered", "fraction_recovered_mean"):
+            if isinstance(lm.get(k), float):
+                row[k] = lm[k]
+        rows.append(row)
+    return rows
+
+
+def run_quality(cfg: QualityConfig) -> dict:
+    from .report import write_report
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"config": asdict(cfg), "runs": []}
+    for cache in _caches(cfg):
+        for budget in cfg.budgets:
+            if cfg.only_budgets and budget.name not in cfg.only_budgets:
+                continue
+            run_dir = out / "runs" / cache["name"] / budget.name
+            shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"[quality] {cache['name']} / {budget.name}: training", flush=True)
+            targets = _targets(cache, budget, cfg, run_dir)
+            rows = _score(targets, cache, cfg)
+            results["runs"].append({"cache": cache, "budget": asdict(budget), "rows": rows})
+            (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    report = write_report(results, out)
+    print(f"[quality] wrote {report} and {out / 'results.json'}")
+    return results

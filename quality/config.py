@@ -1,0 +1,69 @@
+"""Dataclass schema behind conf/quality.yaml (`make quality`), registered in Hydra's ConfigStore."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from .synthetic import Regime
+
+
+@dataclass
+class LMCache:
+    name: str = MISSING
+    cache: str = MISSING                 # a harvested cache (make harvest)
+    layer: int = MISSING
+    sublayer: str = MISSING
+
+
+@dataclass
+class Budget:
+    name: str = MISSING
+    tokens: float = 5e6                  # training tokens per SAE
+    batch_size: int = 1024
+    lr: float = 2e-3                     # every trainer's learning rate at this budget
+    lr_warmup_steps: int = 100
+    sparsity_warmup_fraction: float = 0.1   # of the steps: lambda (or its peer's knob) ramped from 0
+
+
+@dataclass
+class Arm:
+    """One trainer recipe with a sweep of its sparsity knob. trainer=ours: `preset` is conf/sae/<preset>.yaml,
+    `overrides` further sae./optim. keys (dotted), `knob` the sae. field swept. trainer=saelens: `preset`
+    is the SAELens architecture/mode (jumprelu_step, jumprelu_tanh, jumprelu_quadratic, topk,
+    batchtopk), `overrides` its config fields, `knob` the swept field."""
+    name: str = MISSING
+    trainer: str = "ours"                # ours | saelens
+    preset: str = MISSING
+    knob: str = MISSING
+    levels: List[float] = field(default_factory=list)
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class QualityConfig:
+    out: str = "bench_out/quality"
+    regimes: List[Regime] = field(default_factory=list)
+    lm_caches: List[LMCache] = field(default_factory=list)
+    synthetic_tokens: int = 5_242_880    # tokens per synthetic cache (training rows + held-out)
+    budgets: List[Budget] = field(default_factory=list)
+    arms: List[Arm] = field(default_factory=list)
+    width: int = 512                     # d_sae of every SAE (0: expansion x d_in)
+    expansion: int = 8
+    buffer_tokens: int = 262_144
+    heldout_fraction: float = 0.02       # of sequences, never trained on; scored on up to eval_tokens
+    eval_tokens: int = 131_072
+    delta_lm_sequences: int = 64         # LM caches: held-out sequences re-run through the model
+    match_threshold: float = 0.9         # a true feature is recovered when some decoder row has cos > this
+    only_regimes: List[str] = field(default_factory=list)   # run these only (names), [] = all
+    only_budgets: List[str] = field(default_factory=list)
+    only_arms: List[str] = field(default_factory=list)
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="quality_schema", node=QualityConfig)

@@ -1,0 +1,111 @@
+"""The quality benchmark's report: per cache and budget a table of every SAE, the best of each trainer
+at equal L0 (each arm's frontier interpolated in log L0), and a frontier plot."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+# metric -> (title, higher is better)
+METRICS = {"fvu": ("FVU", False), "recovered": ("true features recovered", True),
+           "mmcs": ("MMCS", True), "alive": ("alive latents", True), "delta_ce": ("delta LM loss", False)}
+TRAINERS = ("ours", "saelens")
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _curve(rows, arm, metric):
+    pts = sorted((r["l0"], r[metric]) for r in rows if r["arm"] == arm and _finite(r.get(metric)) and r["l0"] > 0)
+    return np.log([p[0] for p in pts]), np.array([p[1] for p in pts], dtype=float)
+
+
+def best_at_equal_l0(rows: list[dict], metric: str, n_points: int = 5) -> dict:
+    """Per trainer, the best arm's interpolated metric at L0 values every trainer reaches."""
+    higher = METRICS[metric][1]
+    arms = {t: sorted({r["arm"] for r in rows if r["trainer"] == t and _finite(r.get(metric))}) for t in TRAINERS}
+    curves = {t: {a: _curve(rows, a, metric) for a in arms[t]} for t in TRAINERS}
+    spans = {t: [(c[0][0], c[0][-1]) for c in curves[t].values() if len(c[0])] for t in TRAINERS}
+    if not all(spans[t] for t in TRAINERS):
+        return {"metric": metric, "points": [], "note": "a trainer has no SAE with this metric"}
+    lo = max(min(s[0] for s in spans[t]) for t in TRAINERS)
+    hi = min(max(s[1] for s in spans[t]) for t in TRAINERS)
+    if lo > hi:
+        return {"metric": metric, "points": [], "note": "the trainers' L0 ranges do not overlap"}
+    points = []
+    for x in np.linspace(lo, hi, n_points if hi > lo else 1):
+        point = {"l0": float(math.exp(x))}
+        for t in TRAINERS:
+            cands = [(float(np.interp(x, cx, cy)), a) for a, (cx, cy) in curves[t].items()
+                     if len(cx) and cx[0] - 1e-9 <= x <= cx[-1] + 1e-9]
+            value, arm = (max if higher else min)(cands)
+            point[t], point[f"{t}_arm"] = value, arm
+        point["ours_better"] = point["ours"] > point["saelens"] if higher else point["ours"] < point["saelens"]
+        points.append(point)
+    return {"metric": metric, "points": points}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def frontier_plot(rows: list[dict], title: str, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metrics = [m for m in ("fvu", "recovered", "delta_ce", "alive") if any(_finite(r.get(m)) for r in rows)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 4.2), squeeze=False)
+    arms = sorted({(r["trainer"], r["arm"]) for r in rows})
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, metric in zip(axes[0], metrics):
+        for i, (trainer, arm) in enumerate(arms):
+            pts = sorted((r["l0"], r[metric]) for r in rows if r["arm"] == arm and _finite(r.get(metric)))
+            if pts:
+                ax.plot(*zip(*pts), "-o" if trainer == "ours" else "--s", color=colours[i % len(colours)],
+                        label=arm, markersize=4)
+        ax.set_xscale("log")
+        ax.set_xlabel("L0 (held-out)")
+        ax.set_ylabel(METRICS[metric][0] + (" (higher is better)" if METRICS[metric][1] else " (lower is better)"))
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title + "   (solid: ours, dashed: SAELens)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict, out: Path) -> Path:
+    lines = ["# SAE quality: ours against SAELens, same data", "",
+             "Every SAE of a cache and budget saw the same rows in the same order; scores on the same held-out",
+             "sequences. Best of each trainer at equal L0: each arm's frontier interpolated in log L0, the best",
+             "arm of each trainer at each L0 that both reach.", ""]
+    columns = ["arm", "level", "l0", "fvu", "recovered", "mmcs", "alive", "dead_fraction", "delta_ce", "ms_per_step"]
+    for run in results["runs"]:
+        cache, budget, rows = run["cache"], run["budget"], run["rows"]
+        title = f"{cache['name']} / {budget['name']} ({budget['tokens']:.3g} tokens, lr {budget['lr']:g})"
+        plot = frontier_plot(rows, title, out / f"frontier_{cache['name']}_{budget['name']}.png")
+        lines += [f"## {title}", "", f"![frontier]({plot.name})", ""]
+        for metric in ("fvu", "recovered", "delta_ce", "alive"):
+            if not any(_finite(r.get(metric)) for r in rows):
+                continue
+            cmp = best_at_equal_l0(rows, metric)
+            run.setdefault("comparisons", []).append(cmp)
+            lines.append(f"**{METRICS[metric][0]}** at equal L0:" + (f" {cmp['note']}" if not cmp["points"] else ""))
+            if cmp["points"]:
+                lines += ["", "| L0 | ours (best arm) | SAELens (best arm) | ours better |", "|---|---|---|---|"]
+                lines += [f"| {p['l0']:.3g} | {p['ours']:.4g} ({p['ours_arm']}) | {p['saelens']:.4g} ({p['saelens_arm']}) "
+                          f"| {'yes' if p['ours_better'] else 'no'} |" for p in cmp["points"]]
+            lines.append("")
+        shown = [c for c in columns if any(r.get(c) is not None for r in rows)]
+        lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+        for r in sorted(rows, key=lambda r: (r["trainer"], r["arm"], r["l0"])):
+            lines.append("| " + " | ".join(_fmt(r.get(c)) for c in shown) + " |")
+        lines.append("")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
