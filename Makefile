@@ -1,6 +1,8 @@
 # Every target installs what it needs first (.venv in the repo). Variables a user sets:
-#   MODEL DATA CACHE LAYERS SUBLAYERS TOKENS CTX NPROC   (harvest)
+#   MODEL DATA CACHE LAYERS SUBLAYERS TOKENS CTX NPROC   (harvest; CACHE may be s3://... or gs://...)
+#   NODES NODE_RANK MAIN_ADDR MAIN_PORT                   (harvest on several machines)
 #   LAYER SUBLAYER RUN                                   (train / sweep / eval)
+#   SHARDS                                               (sweep: one Hydra job per shard, e.g. on Slurm)
 #   FORMAT OUT                                           (export)
 #   ARGS: any further Hydra override, e.g. ARGS="sae.sparsity_coeff=3 train.total_tokens=1e8"
 SHELL := /bin/bash
@@ -15,11 +17,16 @@ DATA      ?= bundled
 LAYERS    ?= all
 SUBLAYERS ?= all
 NPROC     ?= 1
+NODES     ?= 1
+NODE_RANK ?= 0
+MAIN_ADDR ?=
+MAIN_PORT ?= 29500
 LAYER     ?= 2
 SUBLAYER  ?= mlp_out
 TOKENS    ?=
 CTX       ?=
 FORMAT    ?= gemmascope
+SHARDS    ?=
 ARGS      ?=
 
 slug      = $(subst /,_,$(1))
@@ -34,7 +41,16 @@ DATA_ARGS  = $(if $(wildcard conf/data/$(DATA).yaml),data=$(DATA),$(if $(wildcar
 HARVEST_ARGS = $(MODEL_ARGS) $(DATA_ARGS) "cache='$(CACHE)'" "layers='$(LAYERS)'" "sublayers='$(SUBLAYERS)'" \
                $(if $(TOKENS),n_tokens=$(TOKENS)) $(if $(CTX),context_length=$(CTX))
 TRAIN_ARGS   = "cache='$(CACHE)'" layer=$(LAYER) sublayer=$(SUBLAYER)
-LAUNCH       = $(if $(filter-out 1,$(NPROC)),$(PY) -m accelerate.commands.launch --multi_gpu --num_machines 1 --num_processes $(NPROC) --mixed_precision no --dynamo_backend no -m,$(PY) -m)
+SHARD_ARGS   = $(if $(SHARDS),hydra.mode=MULTIRUN sweep.num_shards=$(SHARDS) sweep.shard=$(shell seq -s, 0 $$(( $(SHARDS) - 1 ))))
+# NPROC processes on each of NODES machines (accelerate's --num_processes counts them all).
+LAUNCH       = $(if $(filter-out 1,$(NPROC) $(NODES)),$(PY) -m accelerate.commands.launch --multi_gpu \
+               --num_machines $(NODES) --machine_rank $(NODE_RANK) --num_processes $$(( $(NPROC) * $(NODES) )) \
+               $(if $(MAIN_ADDR),--main_process_ip $(MAIN_ADDR) --main_process_port $(MAIN_PORT)) \
+               --mixed_precision no --dynamo_backend no -m,$(PY) -m)
+# What a target needs beyond `make install`: obstore for an object-store CACHE (or a run trained on
+# one), the submitit launcher for Slurm sweeps.
+NEEDS_S3     = $(if $(findstring ://,$(CACHE) $(ARGS) $(shell grep -hs '"cache": "[a-z0-9]*://' $(RUN)/sae.json $(RUN)/*/sae.json)),$(VENV)/.s3)
+NEEDS_SLURM  = $(if $(findstring submitit,$(ARGS))$(findstring launcher=slurm,$(ARGS)),$(VENV)/.slurm)
 
 .PHONY: help install demo harvest train sweep eval export ablation tiny-model test bench clean
 
@@ -51,16 +67,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-harvest: $(STAMP)
+harvest: $(STAMP) $(NEEDS_S3)
 	$(LAUNCH) harvest $(HARVEST_ARGS) $(ARGS)
 
-train: $(STAMP)
+train: $(STAMP) $(NEEDS_S3)
 	$(PY) -m train $(TRAIN_ARGS) "run_dir='$(RUN)'" $(ARGS)
 
-sweep: $(STAMP)
-	$(PY) -m train.sweep $(TRAIN_ARGS) "run_dir='$(SWEEP_DIR)'" $(ARGS)
+sweep: $(STAMP) $(NEEDS_S3) $(NEEDS_SLURM)
+	$(PY) -m train.sweep $(TRAIN_ARGS) "run_dir='$(SWEEP_DIR)'" $(SHARD_ARGS) $(ARGS)
 
-eval: $(STAMP)
+eval: $(STAMP) $(NEEDS_S3)
 	$(PY) -m evaluate "run='$(RUN)'" $(ARGS)
 
 export: $(STAMP)
@@ -92,7 +108,20 @@ $(VENV)/.saelens: $(STAMP)
 	$(PY) -m pip install -q -e '.[saelens]' || echo "sae-lens could not be installed: its tests will be skipped"
 	touch $@
 
-test: $(STAMP) $(VENV)/.saelens
+$(VENV)/.s3: $(STAMP)
+	$(PY) -m pip install -q -e '.[s3]'
+	touch $@
+
+$(VENV)/.slurm: $(STAMP)
+	$(PY) -m pip install -q -e '.[slurm]'
+	touch $@
+
+# The object-store and Slurm tests skip cleanly where their packages cannot be installed.
+$(VENV)/.remote-tests: $(STAMP)
+	$(PY) -m pip install -q -e '.[test-remote]' || echo "obstore/moto/submitit could not be installed: the remote tests will be skipped"
+	touch $@
+
+test: $(STAMP) $(VENV)/.saelens $(VENV)/.remote-tests
 	$(PY) -m pytest -q -ra tests
 
 bench: $(STAMP)

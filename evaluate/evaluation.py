@@ -31,8 +31,8 @@ def _load_model(cache: str, device: str):
 
 
 def _cache_attrs(cache: str) -> dict:
-    import zarr
-    return dict(zarr.open_group(cache, mode="r").attrs)
+    from train.cache_reader import open_cache      # a local folder or an object-store URL
+    return dict(open_cache(cache).attrs)
 
 
 def evaluate_targets(targets: list[EvalTarget], cfg) -> list[dict]:

@@ -34,8 +34,8 @@ class ExportError(EvalInputError):
 def cache_facts(cache: str) -> dict:
     """Context length, model id and data source recorded in a cache, where it can be read."""
     try:
-        import zarr
-        attrs = dict(zarr.open_group(cache, mode="r").attrs)
+        from train.cache_reader import open_cache      # a local folder or an object-store URL
+        attrs = dict(open_cache(cache).attrs)
     except Exception:
         return {}
     harvest = attrs.get("harvest_config") if isinstance(attrs.get("harvest_config"), dict) else {}

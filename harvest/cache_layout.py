@@ -7,14 +7,13 @@ process that owns the chunk (chunk_writer.py). No two processes ever write one f
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import zarr
 
 from .sites import Site
+from .store import CacheLocation
 
 FORMAT_VERSION = 1
 STATS_GROUP = "chunk_stats"
@@ -78,26 +77,38 @@ def _compressors(codec: str, checksum: bool, itemsize: int):
     return chosen[codec] + ([Crc32cCodec()] if checksum else [])
 
 
-def create_cache(path: str | Path, layout: CacheLayout, attributes: dict) -> zarr.Group:
-    """Create the group, every array (empty) and the attributes; nothing of it exists before."""
-    group = zarr.create_group(store=str(path), zarr_format=3, attributes=attributes)
+def create_cache(location: CacheLocation, layout: CacheLayout, attributes: dict,
+                 group: zarr.Group | None = None) -> zarr.Group:
+    """Create the group, every array (empty) and the attributes. With `group` (a cache whose creation
+    was interrupted: the group exists, maybe not all of its arrays), create only the missing arrays."""
+    if group is None:
+        group = location.call("creating the cache in", zarr.create_group, store=location.zarr_store(),
+                              zarr_format=3, attributes=attributes)
+    have = set(_array_names(group))
     config = {"write_empty_chunks": True}
-    group.create_array(name="tokens", shape=(layout.n_tokens,), chunks=(layout.chunk_rows,),
-                       dtype="int32", fill_value=0, compressors=_compressors(layout.codec, layout.checksum, 4),
-                       config=config)
+
+    def array(name, **kw):
+        if name not in have:
+            location.call("creating the cache in", group.create_array, name=name, fill_value=kw.pop("fill_value", 0),
+                          config=config, **kw)
+
+    array("tokens", shape=(layout.n_tokens,), chunks=(layout.chunk_rows,), dtype="int32",
+          compressors=_compressors(layout.codec, layout.checksum, 4))
     dtype = "uint16" if layout.storage_dtype == "bfloat16" else "float32"
     for site, width in zip(layout.sites, layout.widths):
-        group.create_array(name=site.key, shape=(layout.n_tokens, width), chunks=(layout.chunk_rows, width),
-                           dtype=dtype, fill_value=0,
-                           compressors=_compressors(layout.codec, layout.checksum, layout.itemsize),
-                           attributes={"storage_dtype": layout.storage_dtype}, config=config)
+        array(site.key, shape=(layout.n_tokens, width), chunks=(layout.chunk_rows, width), dtype=dtype,
+              compressors=_compressors(layout.codec, layout.checksum, layout.itemsize),
+              attributes={"storage_dtype": layout.storage_dtype})
         # Per chunk: sum of x over non-BOS rows (width), sum of ||x||^2, number of rows.
-        group.create_array(name=f"{STATS_GROUP}/{site.key}", shape=(layout.n_chunks, width + 2),
-                           chunks=(1, width + 2), dtype="float64", fill_value=0.0, compressors=None,
-                           config=config)
-    group.create_array(name="complete", shape=(layout.n_chunks,), chunks=(1,), dtype="bool",
-                       fill_value=False, compressors=None, config=config)
+        array(f"{STATS_GROUP}/{site.key}", shape=(layout.n_chunks, width + 2), chunks=(1, width + 2),
+              dtype="float64", fill_value=0.0, compressors=None)
+    array("complete", shape=(layout.n_chunks,), chunks=(1,), dtype="bool", fill_value=False, compressors=None)
     return group
+
+
+def _array_names(group: zarr.Group) -> list[str]:
+    return [name for name, _ in group.arrays()] + [f"{g}/{name}" for g, sub in group.groups()
+                                                   for name in _array_names(sub)]
 
 
 def _canonical(value):
@@ -115,10 +126,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_compatible(path: str | Path, identity, expected: dict) -> zarr.Group:
+def check_compatible(location: CacheLocation, identity, expected: dict) -> zarr.Group:
     """Open an existing cache for resumption, refusing one whose harvest identity (`identity(attrs)`,
     everything that decides the bytes) differs from `expected`."""
-    group = zarr.open_group(str(path), mode="r+")
+    path = str(location)
+    group = location.call("opening", location.open_group, "r+")
     existing = dict(group.attrs)
     if existing.get("format_version") is None:
         raise CacheMismatch(f"{path} holds a Zarr group that is not a jumpscope cache (no format_version "
@@ -137,10 +149,6 @@ def check_compatible(path: str | Path, identity, expected: dict) -> zarr.Group:
     return group
 
 
-def cache_exists(path: str | Path) -> bool:
-    return (Path(path) / "zarr.json").exists()
-
-
 def refuse_foreign_location(where: str, is_cache: bool, entries: list[str] | None, total: int) -> None:
     """Refuse a CACHE that holds something other than a cache, before anything is written there:
     a harvest writes zarr.json, tokens/, layer_*/, ... and would scatter them among the files.
@@ -157,30 +165,18 @@ def refuse_foreign_location(where: str, is_cache: bool, entries: list[str] | Non
         "empty, or a cache. Choose a new folder (a subfolder of this one, say); nothing was written.")
 
 
-def check_local_location(path: Path) -> None:
-    """refuse_foreign_location for a local CACHE."""
-    if path.exists() and not path.is_dir():
-        refuse_foreign_location(str(path), False, None, 1)
-    if not path.is_dir():
-        return
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
-    refuse_foreign_location(str(path), cache_exists(path), names, len(names))
+def check_location(location: CacheLocation) -> bool:
+    """refuse_foreign_location for CACHE; True when it holds a cache (or a Zarr group) to resume."""
+    entries = location.entries()
+    is_cache = entries is not None and "zarr.json" in entries
+    refuse_foreign_location(str(location), is_cache, entries, 1 if entries is None else len(entries))
+    return is_cache
 
 
-def free_bytes(path: str | Path) -> int:
-    p = Path(path).resolve()
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free
-
-
-def bytes_on_disk(path: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-def finalize_statistics(group: zarr.Group, layout: CacheLayout) -> dict[str, dict]:
+def finalize_statistics(group: zarr.Group, layout: CacheLayout, location: CacheLocation) -> dict[str, dict]:
     """Reduce the per-chunk statistics (in chunk order, so any number of processes gives the same
-    bits) into each activation array's attributes. Call once every chunk is complete."""
+    bits) into each activation array's attributes. Call once every chunk is complete. Attributes
+    that already hold these values are not rewritten (a finished cache on a read-only prefix)."""
     summary = {}
     for site in layout.sites:
         stats = group[f"{STATS_GROUP}/{site.key}"][:]
@@ -195,6 +191,7 @@ def finalize_statistics(group: zarr.Group, layout: CacheLayout) -> dict[str, dic
             "mean_norm": float(np.linalg.norm(mean)),
             "statistics_rows": int(n),
         }
-        group[site.key].attrs.update(attrs)
+        if {k: group[site.key].attrs.get(k) for k in attrs} != attrs:
+            location.call("updating the statistics in", group[site.key].attrs.update, attrs)
         summary[site.key] = attrs
     return summary

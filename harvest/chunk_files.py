@@ -6,6 +6,10 @@ plain file write per chunk, and on a small machine that CPU time is taken from t
 writes whole chunks of arrays it created itself with a local store, so it encodes them here, with
 the codec chain read from each array's own metadata, and leaves creating and reading to zarr.
 tests/test_harvest_chunk_files.py checks that the files are byte-identical to zarr's own.
+
+In an object store (zarr's ObjectStore over obstore) each chunk file is one object, written whole in
+one PUT: a reader never sees part of it, so no temporary name is needed, and the PUT returns once the
+store holds the object.
 """
 from __future__ import annotations
 
@@ -47,12 +51,15 @@ class ChunkFiles:
     """Encodes whole chunks of one array and writes them to `<store root>/<array path>/<chunk key>`."""
 
     def __init__(self, array: zarr.Array):
+        from zarr.storage import ObjectStore
         root = getattr(array.store, "root", None)
-        if root is None:
-            raise UnsupportedCodec(f"store {array.store!r} is not a local folder")
+        self.object_store = array.store.store if isinstance(array.store, ObjectStore) else None
+        if root is None and self.object_store is None:
+            raise UnsupportedCodec(f"store {array.store!r} is neither a local folder nor an object store")
         if np.dtype(array.dtype).byteorder == ">":
             raise UnsupportedCodec("big-endian dtype")
-        self.folder = Path(root) / array.path
+        self.array_path = array.path
+        self.folder = Path(root) / array.path if root is not None else None
         self.metadata = array.metadata
         self.chunk_shape = tuple(array.chunks)
         self.dtype = np.dtype(array.dtype)
@@ -70,6 +77,30 @@ class ChunkFiles:
     def path(self, coords: tuple[int, ...]) -> Path:
         return self.folder / self.metadata.encode_chunk_key(coords)
 
+    def key(self, coords: tuple[int, ...]) -> str:
+        """The chunk's object key (its file path relative to the cache)."""
+        return f"{self.array_path}/{self.metadata.encode_chunk_key(coords)}"
+
+    def size(self, coords: tuple[int, ...]) -> int | None:
+        """Bytes of chunk `coords` as stored; None when it is missing."""
+        if self.object_store is None:
+            try:
+                return self.path(coords).stat().st_size
+            except OSError:
+                return None
+        import obstore
+        try:
+            return int(obstore.head(self.object_store, self.key(coords))["size"])
+        except FileNotFoundError:
+            return None
+
+    def remove(self, coords: tuple[int, ...]) -> None:
+        if self.object_store is None:
+            self.path(coords).unlink(missing_ok=True)
+        else:
+            import obstore
+            obstore.delete(self.object_store, self.key(coords))
+
     def encoded_size(self) -> int | None:
         """The size of every chunk file when no compressor changes it (bytes, plus 4 for crc32c)."""
         from zarr.codecs import BytesCodec, Crc32cCodec
@@ -84,7 +115,12 @@ class ChunkFiles:
     def write(self, coords: tuple[int, ...], data: np.ndarray, atomic: bool = False, sync: bool = False) -> int:
         """Write chunk `coords`; `atomic` goes through a temporary file and a rename, so that a
         reader never sees a half-written file (used for the `complete` flags); `sync` returns only
-        once the bytes are on the disk (fdatasync)."""
+        once the bytes are on the disk (fdatasync). In an object store: one PUT, atomic and durable."""
+        if self.object_store is not None:
+            import obstore
+            blob = self.encode(data)
+            obstore.put(self.object_store, self.key(coords), blob, use_multipart=False)
+            return len(blob)
         path = self.path(coords)
         path.parent.mkdir(parents=True, exist_ok=True)
         blob = self.encode(data)

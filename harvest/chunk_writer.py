@@ -19,6 +19,7 @@ import zarr
 from .cache_layout import STATS_GROUP, CacheLayout
 from .chunk_files import ChunkFiles
 from .sites import Site
+from .store import describe_store_error, is_store_error
 
 
 class HarvestWriteError(RuntimeError):
@@ -77,8 +78,9 @@ class ChunkWriter:
     """
 
     def __init__(self, group: zarr.Group, layout: CacheLayout, depth: int, pin: bool, durable: bool = True,
-                 threads: int = 1):
+                 threads: int = 1, where: str | None = None):
         self.group, self.layout, self.durable = group, layout, durable
+        self.where = where or str(group.store)
         # a chunk's files are independent: several threads copy into the page cache (and sync) at once
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="chunk-file-writer") if threads > 1 else None
         self.free: queue.Queue[ChunkBuffers] = queue.Queue()
@@ -101,6 +103,10 @@ class ChunkWriter:
                 raise HarvestWriteError(
                     f"disk full while writing the cache at {self.group.store}: free some space and run "
                     "the same command again; it resumes from the last complete chunk") from e
+            if is_store_error(e):
+                raise HarvestWriteError(describe_store_error(e, self.where, "writing the cache at")
+                                        + " The complete chunks are kept: run the same command again to resume "
+                                        "from the last of them.") from e
             raise HarvestWriteError(f"writing the cache failed: {e!r}") from e
 
     def buffers(self) -> ChunkBuffers:

@@ -7,6 +7,7 @@ from .model import ModelLoadError
 from .packing import CorpusTooSmall
 from .run import DiskSpaceError
 from .sites import SiteError
+from .store import ObjectStoreError
 
 USER_ERRORS = (CacheMismatch, HarvestWriteError, DataError, ModelLoadError, CorpusTooSmall,
-               DiskSpaceError, SiteError, HarvestConfigError)
+               DiskSpaceError, SiteError, HarvestConfigError, ObjectStoreError)

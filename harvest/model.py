@@ -131,9 +131,11 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "auto") -> LoadedM
 
 
 def load_model_from_cache(cache_path: str | Path, device: str | torch.device = "auto") -> LoadedModel:
-    """Rebuild the model a cache was harvested from, using its provenance attributes."""
-    import zarr
-    attrs = dict(zarr.open_group(str(cache_path), mode="r").attrs)
+    """Rebuild the model a cache was harvested from, using its provenance attributes (`cache_path`:
+    a local folder or an object-store URL)."""
+    from .store import CacheLocation
+    location = CacheLocation.parse(cache_path)
+    attrs = dict(location.call("reading", location.open_group, "r").attrs)
     try:
         model_cfg = ModelConfig(**attrs["harvest_config"]["model"])
     except KeyError:

@@ -5,14 +5,13 @@ import importlib.metadata
 import os
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .cache_layout import (CacheLayout, cache_exists, check_compatible, check_local_location, chunk_rows_for,
-                           create_cache, finalize_statistics, free_bytes, FORMAT_VERSION)
+from .cache_layout import (CacheLayout, check_compatible, check_location, chunk_rows_for, create_cache,
+                           finalize_statistics, FORMAT_VERSION)
 from .chunk_files import remove_partial_files
 from .chunk_writer import ChunkWriter
 from .config import RUNTIME_ONLY_FIELDS, HarvestConfig, validate
@@ -20,6 +19,7 @@ from .documents import describe, iter_documents
 from .model import load_model, load_model_config, resolve_device
 from .packing import CorpusTooSmall, iter_sequences
 from .sites import capture, forward_until, parse_layers, parse_sublayers, site_width, stored_sites
+from .store import CacheLocation
 
 
 class DiskSpaceError(RuntimeError):
@@ -56,7 +56,8 @@ def _distributed_state(device: torch.device):
 
 def run_harvest(cfg: HarvestConfig) -> dict:
     validate(cfg)
-    check_local_location(Path(cfg.cache))     # a folder of other files is refused before any work
+    location = CacheLocation.parse(cfg.cache)
+    check_location(location)     # a folder (or prefix) of other things is refused before any work
     device = resolve_device(cfg.device)
     state = _distributed_state(device)
     if device.type == "cuda":
@@ -114,60 +115,63 @@ def run_harvest(cfg: HarvestConfig) -> dict:
         "software": _software(),
     }
 
-    path = Path(cfg.cache)
-    resuming = cache_exists(path)
+    resuming = location.has_group()
     # A cache from another harvest is refused before anything else (every rank: it only reads).
-    group = check_compatible(path, identity, identity(attrs)) if resuming else None
+    group = check_compatible(location, identity, identity(attrs)) if resuming else None
     # What is already written follows from the complete flags: no walk over the chunk files.
-    existing = int(group["complete"][:].sum()) * layout.chunk_bytes if resuming else 0
-    free = free_bytes(path)
-    say(f"harvest {cfg.model.name} ({cfg.model.path}) -> {path}{'  [resuming]' if resuming else ''}\n"
+    flags = location.call("reading", lambda: group["complete"][:]) if resuming and "complete" in group else None
+    existing = int(flags.sum()) * layout.chunk_bytes if flags is not None else 0
+    free = location.free_bytes()
+    say(f"harvest {cfg.model.name} ({cfg.model.path}) -> {location}{'  [resuming]' if resuming else ''}\n"
         f"  {len(sites)} arrays over layers {layers[0]}..{last_layer}: {', '.join(sublayers)}\n"
         f"  {n_tokens:,} tokens{' (rounded up to whole chunks)' if n_tokens != cfg.n_tokens else ''} = "
         f"{n_tokens // ctx:,} sequences of {ctx} = {layout.n_chunks} chunks of {chunk_rows} rows; "
         f"{state.num_processes} process(es) on {device.type}\n"
-        f"  on disk: {_gb(layout.total_bytes)} ({cfg.storage_dtype}, codec {cfg.codec}; "
-        f"{_gb(existing)} already there), free: {_gb(free)}")
-    if layout.total_bytes - existing + cfg.min_free_bytes > free:
-        raise DiskSpaceError(f"not enough disk space at {path}: the cache needs "
+        f"  {'in the object store' if location.remote else 'on disk'}: {_gb(layout.total_bytes)} "
+        f"({cfg.storage_dtype}, codec {cfg.codec}; {_gb(existing)} already there)"
+        + (f", free: {_gb(free)}" if free is not None else ""))
+    if free is not None and layout.total_bytes - existing + cfg.min_free_bytes > free:
+        raise DiskSpaceError(f"not enough disk space at {location}: the cache needs "
                              f"{_gb(layout.total_bytes - existing)} more, {_gb(free)} is free")
 
+    state.wait_for_everyone()      # every rank has looked at the cache before rank 0 changes it
     if main:
-        if not resuming:
-            group = create_cache(path, layout, attrs)
-        remove_partial_files(path / "complete")   # the only files written through a rename
+        # a resumed cache gets the arrays an interrupted creation left out (none, almost always)
+        group = create_cache(location, layout, attrs, group)
+        if not location.remote:
+            remove_partial_files(location.path / "complete")   # the only files written through a rename
     state.wait_for_everyone()
-    if group is None:
-        import zarr
-        group = zarr.open_group(str(path), mode="r+")
+    if not main:
+        group = location.call("opening", location.open_group, "r+")
 
-    complete = group["complete"][:]
+    complete = location.call("reading", lambda: group["complete"][:])
     rank, world = state.process_index, state.num_processes
     mine = [c for c in range(layout.n_chunks) if c % world == rank and not complete[c]]
     say(f"  {int(complete.sum())} chunks already complete; {len(mine) * world} to go (approx. over all processes)")
 
     started = time.perf_counter()
     _harvest_chunks(cfg, layout, group, model, tokenizer.bos_token_id, device, first, sequences,
-                    set(mine), last_layer, show=main and cfg.progress)
+                    set(mine), last_layer, show=main and cfg.progress, location=location)
     state.wait_for_everyone()
 
-    summary = {"cache": str(path), "n_tokens": n_tokens, "sites": [s.key for s in sites],
+    summary = {"cache": str(location), "n_tokens": n_tokens, "sites": [s.key for s in sites],
                "chunks_written": len(mine), "seconds": time.perf_counter() - started}
     if main:
-        if not group["complete"][:].all():
+        if not location.call("reading", lambda: group["complete"][:]).all():
             raise RuntimeError("some chunks are still incomplete after the harvest; run it again")
-        summary["statistics"] = finalize_statistics(group, layout)
+        summary["statistics"] = finalize_statistics(group, layout, location)
     return summary
 
 
 @torch.no_grad()
-def _harvest_chunks(cfg, layout, group, model, bos, device, first, sequences, todo, last_layer, show):
+def _harvest_chunks(cfg, layout, group, model, bos, device, first, sequences, todo, last_layer, show, location):
     R, ctx = layout.chunk_rows, layout.context_length
     per_chunk = R // ctx
     batch = batch_sequences(cfg.batch_tokens, ctx)
     pin = device.type == "cuda"
-    threads = cfg.write_threads or (1 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) // 2)))
-    writer = ChunkWriter(group, layout, depth=cfg.write_queue, pin=pin, durable=cfg.durable, threads=threads)
+    threads = cfg.write_threads or default_write_threads(device, location.remote)
+    writer = ChunkWriter(group, layout, depth=cfg.write_queue, pin=pin, durable=cfg.durable, threads=threads,
+                         where=str(location))
     bar = tqdm(total=len(todo) * R, unit="tok", unit_scale=True, disable=not show, dynamic_ncols=True,
                desc="harvest")
     stream = _chain(first, sequences)
@@ -207,6 +211,14 @@ def _harvest_chunks(cfg, layout, group, model, bos, device, first, sequences, to
         writer.close()
     finally:
         bar.close()
+
+
+def default_write_threads(device: torch.device, remote: bool) -> int:
+    """Local disk on CPU: one (the forward needs the cores). Object stores: PUTs mostly wait on the
+    network, so several are in flight at once. CUDA: up to 8."""
+    if remote:
+        return 8
+    return 1 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) // 2))
 
 
 def _accumulate_statistics(st: torch.Tensor, x: torch.Tensor, n_seq: int) -> None:

@@ -4,19 +4,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import zarr
-
-from .cache_layout import bytes_on_disk
+from .store import CacheLocation
 
 
 def print_summary(path: str | Path) -> None:
-    group = zarr.open_group(str(path), mode="r")
+    """`path`: a local folder or an object-store URL."""
+    location = CacheLocation.parse(path)
+    group = location.call("reading", location.open_group, "r")
     a = dict(group.attrs)
     complete = group["complete"][:]
     print(f"cache {path}: format v{a['format_version']}, model {a['model']}, "
           f"{a['n_tokens']:,} tokens ({a['n_tokens'] // a['context_length']:,} sequences of "
           f"{a['context_length']}), {int(complete.sum())}/{len(complete)} chunks complete, "
-          f"{bytes_on_disk(path) / 1e6:,.1f} MB on disk, {a['storage_dtype']}, codec {a['codec']}")
+          f"{location.bytes_stored() / 1e6:,.1f} MB {'stored' if location.remote else 'on disk'}, {a['storage_dtype']}, codec {a['codec']}")
     print(f"  {'site':<24}{'width':>7}{'E||x||^2':>14}{'variance':>14}{'||E x||':>12}")
     for key in a["sites"]:
         arr = group[key]

@@ -18,6 +18,7 @@ import zarr
 
 from .cache_layout import STATS_GROUP
 from .chunk_files import ChunkFiles
+from .store import CacheLocation, ObjectStoreError
 
 
 def _arrays(group: zarr.Group) -> list[tuple[str, zarr.Array, tuple]]:
@@ -29,8 +30,10 @@ def _arrays(group: zarr.Group) -> list[tuple[str, zarr.Array, tuple]]:
 
 
 def verify_cache(path: str | Path, deep: bool = False, repair: bool = False) -> dict[int, list[str]]:
-    """{chunk: [problems]} for the complete chunks that are damaged; with repair, their flags are removed."""
-    group = zarr.open_group(str(path), mode="r")
+    """{chunk: [problems]} for the complete chunks that are damaged; with repair, their flags are removed.
+    `path`: a local folder or an object-store URL."""
+    location = CacheLocation.parse(path)
+    group = location.call("opening", location.open_group, "r+" if repair else "r")
     complete = np.flatnonzero(group["complete"][:])
     damaged: dict[int, list[str]] = {}
     for name, array, suffix in _arrays(group):
@@ -38,10 +41,8 @@ def verify_cache(path: str | Path, deep: bool = False, repair: bool = False) -> 
         size = files.encoded_size()
         rows = array.chunks[0]
         for c in complete:
-            f = files.path((int(c), *suffix))
-            try:
-                actual = f.stat().st_size
-            except OSError:
+            actual = location.call("reading", files.size, (int(c), *suffix))
+            if actual is None:
                 damaged.setdefault(int(c), []).append(f"{name}: file missing")
                 continue
             if size is not None and actual != size:
@@ -54,7 +55,7 @@ def verify_cache(path: str | Path, deep: bool = False, repair: bool = False) -> 
     if repair:
         flags = ChunkFiles(group["complete"])
         for c in damaged:
-            flags.path((c,)).unlink(missing_ok=True)
+            location.call("removing flags in", flags.remove, (c,))
     return dict(sorted(damaged.items()))
 
 
@@ -64,10 +65,15 @@ def main(argv=None) -> int:
     p.add_argument("--deep", action="store_true", help="also decode every complete chunk")
     p.add_argument("--repair", action="store_true", help="unflag damaged chunks so the harvest rewrites them")
     args = p.parse_args(argv)
-    if not Path(args.cache).exists():
-        print(f"error: no cache at {args.cache}", file=sys.stderr)
+    try:
+        location = CacheLocation.parse(args.cache)
+        if not location.has_group():
+            print(f"error: no cache at {args.cache}", file=sys.stderr)
+            return 2
+        damaged = verify_cache(args.cache, deep=args.deep, repair=args.repair)
+    except ObjectStoreError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    damaged = verify_cache(args.cache, deep=args.deep, repair=args.repair)
     for c, problems in damaged.items():
         print(f"chunk {c}: " + "; ".join(problems))
     if not damaged:

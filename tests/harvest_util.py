@@ -29,7 +29,8 @@ def harvest_env() -> dict:
     return env
 
 
-def harvest_cli(cache: Path, extra: list[str] = (), nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+def harvest_cli(cache: Path, extra: list[str] = (), nproc: int = 1, timeout: int = 600,
+                env: dict | None = None) -> subprocess.CompletedProcess:
     args = [f"cache={cache}", *SMALL, *extra]
     if nproc == 1:
         cmd = [sys.executable, "-m", "harvest", *args]
@@ -37,7 +38,7 @@ def harvest_cli(cache: Path, extra: list[str] = (), nproc: int = 1, timeout: int
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
                "--num_processes", str(nproc), "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "harvest", *args]
-    return subprocess.run(cmd, cwd=REPO, env=harvest_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=env or harvest_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def tree_digest(path: Path) -> dict[str, str]:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import zarr
 
+from . import object_store
 from .scatter_read import scatter_read
 
 FORMAT_VERSION = 1
@@ -26,13 +27,17 @@ class CacheError(ValueError):
 
 
 def open_cache(path) -> zarr.Group:
-    path = Path(path)
-    if not path.exists():
-        raise CacheError(f"no cache at {str(path)!r}")
-    try:
-        group = zarr.open_group(str(path), mode="r")
-    except Exception as e:  # zarr raises several types for "not a group"
-        raise CacheError(f"{str(path)!r} is not a Zarr group: {e}") from e
+    """The cache's group, read-only: `path` is a local folder or an object-store URL (s3://, gs://)."""
+    if object_store.is_url(path):
+        group = _open_remote_group(str(path))
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise CacheError(f"no cache at {str(path)!r}")
+        try:
+            group = zarr.open_group(str(path), mode="r")
+        except Exception as e:  # zarr raises several types for "not a group"
+            raise CacheError(f"{str(path)!r} is not a Zarr group: {e}") from e
     version = group.attrs.get("format_version")
     if version is None:
         raise CacheError(f"{str(path)!r} has no `format_version` attribute: not a jumpscope cache")
@@ -43,6 +48,33 @@ def open_cache(path) -> zarr.Group:
         if key not in group.attrs:
             raise CacheError(f"cache {str(path)!r} lacks the group attribute {key!r}")
     return group
+
+
+def _open_remote_group(url: str) -> zarr.Group:
+    from zarr.storage import ObjectStore
+    try:
+        store = object_store.open_object_store(url)
+    except ImportError:
+        raise CacheError(f"cache {url!r} is in an object store, which needs obstore: "
+                         "pip install -e '.[s3]' (make installs it when CACHE is a URL)") from None
+    except Exception as e:
+        raise CacheError(f"cannot open {url!r}: {e}") from e
+    import obstore
+    try:      # a listing names a missing bucket or bad credentials, where a missing key cannot
+        top = obstore.list_with_delimiter(store)
+    except Exception as e:
+        raise CacheError(object_store.store_error_message(e, f"reading {url}")) from e
+    if not any(o["path"].rsplit("/", 1)[-1] == "zarr.json" for o in top["objects"]):
+        raise CacheError(f"no cache at {url!r} (no zarr.json under that prefix)")
+    try:
+        return zarr.open_group(store=ObjectStore(store, read_only=True), mode="r")
+    except Exception as e:
+        raise CacheError(object_store.store_error_message(e, f"{url!r} is not a Zarr group")) from e
+
+
+def cache_identifier(path) -> str:
+    """How a run names its cache: the absolute local path, or the URL."""
+    return object_store.normalise_url(str(path)) if object_store.is_url(path) else str(Path(path).resolve())
 
 
 def list_activation_arrays(group: zarr.Group) -> list[str]:
@@ -104,6 +136,7 @@ class ActivationArray:
         return STORAGE_DTYPES[self.storage_dtype][0]
 
     raw_layout: bool = field(default=False)  # chunk files hold the bare little-endian array bytes
+    remote: object_store.ObjectChunks | None = field(default=None)   # the chunk objects, in an object store
 
     def chunk_path(self, c: int) -> Path | None:
         """The file of chunk c in a local store (None for other stores)."""
@@ -130,7 +163,7 @@ class ActivationArray:
             raise self._damaged(c, path, "missing" if size is None else f"{size} bytes, expected {want}")
         return path
 
-    def _damaged(self, c: int, path: Path, what: str) -> CacheError:
+    def _damaged(self, c: int, path, what: str) -> CacheError:
         return CacheError(f"{self.cache_path}: chunk {c} of {self.name} is marked complete but its file {path} "
                           f"is {what}: the cache is damaged. `python -m harvest.verify {self.cache_path} --repair` "
                           "finds every damaged chunk and unflags it; the same harvest command then rewrites them.")
@@ -150,8 +183,25 @@ class ActivationArray:
                     return
         elif (local := self.chunk_path(c)) is not None and not local.exists():
             raise self._damaged(c, local, "missing")
+        elif self.remote is not None and self._read_remote(c, out, slots):
+            return
         keep = slots >= 0
         out[slots[keep]] = self.read_chunk_numpy(c)[keep]
+
+    def _read_remote(self, c: int, out: np.ndarray, slots: np.ndarray) -> bool:
+        """Chunk c from the object store (object_store.ObjectChunks); False: zarr decodes it."""
+        where = f"{self.cache_path}/{self.remote.key(c)}"
+        try:
+            return self.remote.read_into(c, out, slots, self.chunk_rows)
+        except FileNotFoundError:
+            raise self._damaged(c, where, "missing") from None
+        except ValueError as e:
+            raise self._damaged(c, where, str(e)) from None
+        except Exception as e:
+            if object_store.is_store_error(e):
+                raise CacheError(object_store.store_error_message(e, f"reading chunk {c} of {self.name} from "
+                                                                     f"{self.cache_path}")) from e
+            raise
 
     def read_chunk_numpy(self, c: int) -> np.ndarray:
         """Chunk c as stored: uint16 bf16 bits or float32, shape [chunk_rows, width]."""
@@ -212,18 +262,29 @@ def open_activations(cache_path, layer: int, sublayer: str) -> ActivationArray:
     if len(complete) != n_tokens // rows:
         raise CacheError(f"`complete` has {len(complete)} entries, expected n_tokens // chunk_rows = {n_tokens // rows}")
     msn = array.attrs.get("mean_squared_norm")
-    return ActivationArray(raw_layout=_has_raw_layout(array, rows),cache_path=str(cache_path), name=name, array=array, tokens=group["tokens"],
+    remote = None
+    if object_store.is_url(cache_path):
+        cache_path = object_store.normalise_url(str(cache_path))
+        remote = object_store.ObjectChunks(array.store.store, array.path, array.metadata, int(array.shape[1]),
+                                           np.dtype(array.dtype).itemsize, _bare_chunks(array, rows))
+    return ActivationArray(raw_layout=_has_raw_layout(array, rows), remote=remote,
+                           cache_path=str(cache_path), name=name, array=array, tokens=group["tokens"],
                            context_length=ctx, chunk_rows=rows, n_tokens=n_tokens,
                            bos_token_id=int(attrs["bos_token_id"]), storage_dtype=storage,
                            complete=complete, mean_squared_norm=None if msn is None else float(msn))
 
 
 def _has_raw_layout(array: zarr.Array, chunk_rows: int) -> bool:
+    from zarr.storage import LocalStore
+    return isinstance(array.store, LocalStore) and _bare_chunks(array, chunk_rows)
+
+
+def _bare_chunks(array: zarr.Array, chunk_rows: int) -> bool:
+    """Each chunk object holds the chunk's bytes as they are: no codec but `bytes`, no sharding."""
     try:
         from zarr.codecs import BytesCodec
-        from zarr.storage import LocalStore
         md = array.metadata
-        return (sys.byteorder == "little" and isinstance(array.store, LocalStore)
+        return (sys.byteorder == "little"
                 and len(md.codecs) == 1 and isinstance(md.codecs[0], BytesCodec)
                 and getattr(md.codecs[0].endian, "value", md.codecs[0].endian) in ("little", None)
                 and tuple(array.chunks) == (chunk_rows, array.shape[1]) and array.order == "C")

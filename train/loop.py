@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 import kernels
 
-from .cache_reader import (HELDOUT_RULE, CacheError, complete_heldout_sequences, heldout_sequences,
-                           open_activations, open_cache)
+from .cache_reader import (HELDOUT_RULE, CacheError, cache_identifier, complete_heldout_sequences,
+                           heldout_sequences, open_activations, open_cache)
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_states
 from .loader import ChunkLoader
 from .member import Member
@@ -57,7 +57,7 @@ def fingerprint(cfg, specs) -> dict:
     loader.pop("require_complete")
     t = cfg.train
     attrs = open_cache(cfg.cache).attrs
-    return {"cache": str(Path(cfg.cache).resolve()), "layer": cfg.layer, "sublayer": cfg.sublayer,
+    return {"cache": cache_identifier(cfg.cache), "layer": cfg.layer, "sublayer": cfg.sublayer,
             "cache_identity": {k: attrs.get(k) for k in CACHE_IDENTITY_KEYS},
             "loader": loader, "total_tokens": t.total_tokens, "seed": t.seed,
             "dead_window_tokens": t.dead_window_tokens, "latent_stats_every": t.latent_stats_every,
@@ -215,7 +215,7 @@ def run_metadata(cfg, source, scale, msn, held, n_chunks_used, total_steps, epoc
     batch = cfg.loader.batch_size
     return {
         "model": open_cache(cfg.cache).attrs.get("model"),
-        "layer": int(cfg.layer), "sublayer": cfg.sublayer, "cache": str(Path(cfg.cache).resolve()),
+        "layer": int(cfg.layer), "sublayer": cfg.sublayer, "cache": cache_identifier(cfg.cache),
         "cache_array": source.name,
         "normalisation": {"scale": scale, "mean_squared_norm": msn,
                           "rule": "trained on x / scale (E||x||^2 = 1); stored tensors are in raw units"},
