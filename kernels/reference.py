@@ -51,7 +51,8 @@ class JumpReLUSAEReference(torch.autograd.Function):
         x, pre, theta, W_dec, x_hat = ctx.saved_tensors
         eps, lam = ctx.bandwidth, ctx.lam
         B = max(x.shape[0], 1)
-        active = (pre > theta).to(pre.dtype)
+        u = pre - theta
+        active = (u > 0).to(pre.dtype)
         f = pre * active
         # d(total)/d x_hat: the reconstruction term of loss and of mse, plus any direct use of x_hat.
         g = (g_loss + g_mse) * 2.0 * (x_hat - x) / B
@@ -60,16 +61,20 @@ class JumpReLUSAEReference(torch.autograd.Function):
         dW_dec = f.T @ g
         db_dec = g.sum(0)
         df = g @ W_dec.T
-        window = rectangle((pre - theta) / eps) / eps
-        coef = ((g_loss * lam + g_l0) / B).expand_as(pre)
+        dpre = df * active                      # (+ the STE term with ste_to_input, below)
+        # The rectangle window K((pre - theta) / eps) / eps is non-zero on few entries (the near-
+        # threshold ones): the STE terms are computed there only, including inactive latents, whose
+        # df the threshold gradient needs.
+        b, i = (rectangle(u / eps) > 0).nonzero(as_tuple=True)
+        coef = ((g_loss * lam + g_l0) / B).expand(len(b))
         if g_l0_tokens is not None:
-            coef = coef + g_l0_tokens[:, None]
+            coef = coef + g_l0_tokens[b]
         if g_fire_counts is not None:
-            coef = coef + g_fire_counts[None, :]
-        # JumpReLU pseudo-derivative (needs df at inactive near-threshold latents) + the steps' one
-        ste = window * (theta * df + coef)
-        dtheta = -ste.sum(0)
-        dpre = df * active + ste if ctx.ste_to_input else df * active
+            coef = coef + g_fire_counts[i]
+        ste = (theta[i] * df[b, i] + coef) / eps
+        dtheta = -torch.zeros_like(theta).index_add_(0, i, ste)
+        if ctx.ste_to_input:
+            dpre = dpre.index_put((b, i), ste, accumulate=True)
         dW_enc = x.T @ dpre
         db_enc = dpre.sum(0)
         return None, dW_enc, db_enc, dtheta, dW_dec, db_dec, None, None, None

@@ -126,6 +126,7 @@ def run_quality(cfg: QualityConfig) -> dict:
     from .report import write_report
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
     results = {"config": asdict(cfg), "runs": []}
     for cache in _caches(cfg):
         for budget in cfg.budgets:

@@ -62,6 +62,9 @@ class QualityConfig:
     only_arms: List[str] = field(default_factory=list)
     seed: int = 0
     device: str = "cpu"
+    # torch threads of every trainer (same for all, so their speeds compare): on a loaded machine more
+    # OpenMP threads than free cores spin at barriers and run many times slower than one.
+    threads: int = 1
     progress: bool = True
 
 

@@ -3,6 +3,7 @@ lock-step sweep (`train.sweep`), so they read the cache once, in the loader's or
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,8 @@ def train_ours(arms, cache: str, layer: int, sublayer: str, run_dir: Path, budge
            f"sae.width={cfg.width}", f"sae.expansion={cfg.expansion}", "train.checkpoint_every_steps=0",
            "train.tensorboard=false", f"train.progress={str(cfg.progress).lower()}",
            f"train.log_every_steps={max(1, steps // 20)}", f"train.device={cfg.device}"]
-    done = subprocess.run(cmd, cwd=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
+    done = subprocess.run(cmd, cwd=REPO, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"our sweep failed (exit {done.returncode}): {' '.join(cmd[1:])}")
     folders = {m["name"]: Path(run_dir) / m["name"] for m in members}
