@@ -52,10 +52,10 @@ LAUNCH       = $(if $(filter-out 1,$(NPROC) $(NODES)),$(PY) -m accelerate.comman
 NEEDS_S3     = $(if $(findstring ://,$(CACHE) $(ARGS) $(shell grep -hs '"cache": "[a-z0-9]*://' $(RUN)/sae.json $(RUN)/*/sae.json)),$(VENV)/.s3)
 NEEDS_SLURM  = $(if $(findstring submitit,$(ARGS))$(findstring launcher=slurm,$(ARGS)),$(VENV)/.slurm)
 
-.PHONY: help install demo harvest train sweep eval export ablation tiny-model test bench clean
+.PHONY: help install demo harvest train sweep eval features export ablation tiny-model chromium test bench clean
 
 help:
-	@echo "make demo | harvest | train | sweep | eval | export | ablation | tiny-model | test | bench  (see README.md)"
+	@echo "make demo | harvest | train | sweep | eval | features | export | ablation | tiny-model | test | bench  (see README.md)"
 
 install: $(STAMP)
 
@@ -78,6 +78,11 @@ sweep: $(STAMP) $(NEEDS_S3) $(NEEDS_SLURM)
 
 eval: $(STAMP) $(NEEDS_S3)
 	$(PY) -m evaluate "run='$(RUN)'" $(ARGS)
+
+# A static HTML feature browser of one SAE (a run folder, a sweep member, a params.npz or a SAELens
+# folder) in RUN/features/index.html, opened from disk; settings: conf/features.yaml.
+features: $(STAMP) $(NEEDS_S3)
+	$(PY) -m evaluate.browser "run='$(RUN)'" $(ARGS)
 
 export: $(STAMP)
 	$(PY) -m evaluate.export "run='$(RUN)'" format=$(FORMAT) "out='$(OUT)'" $(ARGS)
@@ -121,13 +126,21 @@ $(VENV)/.remote-tests: $(STAMP)
 	$(PY) -m pip install -q -e '.[test-remote]' || echo "obstore/moto/submitit could not be installed: the remote tests will be skipped"
 	touch $@
 
-test: $(STAMP) $(VENV)/.saelens $(VENV)/.remote-tests
+# Debian's chromium renders the feature browser in its tests; they skip, saying so, where it cannot be installed.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { S=$$([ "$$(id -u)" = 0 ] || echo sudo -n); \
+	  $$S env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { $$S apt-get update -q >/dev/null 2>&1 && $$S env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } || \
+	  echo "chromium could not be installed: the feature browser's rendering tests will be skipped"; }
+
+test: $(STAMP) $(VENV)/.saelens $(VENV)/.remote-tests chromium
 	$(PY) -m pytest -q -ra tests
 
-bench: $(STAMP)
+bench: $(STAMP) chromium
 	$(PY) -m harvest.bench
 	$(PY) -m train.bench
 	$(PY) -m kernels.bench
+	$(PY) -m evaluate.browser.bench
 
 clean:
 	rm -rf caches runs exports bench_out .cache
