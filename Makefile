@@ -136,11 +136,12 @@ chromium:
 test: $(STAMP) $(VENV)/.saelens $(VENV)/.remote-tests chromium
 	$(PY) -m pytest -q -ra tests
 
-bench: $(STAMP) chromium
+bench: $(STAMP) chromium $(VENV)/.remote-tests
 	$(PY) -m harvest.bench
 	$(PY) -m train.bench
 	$(PY) -m kernels.bench
 	$(PY) -m evaluate.browser.bench
+	$(PY) scripts/bench_object_store.py
 
 clean:
 	rm -rf caches runs exports bench_out .cache

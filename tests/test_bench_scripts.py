@@ -26,3 +26,16 @@ def test_train_bench_runs_and_reports_both_figures(tmp_path):
     assert (tmp_path / "train_bench.json").exists()
     assert result["loader"]["ratio"] > 0 and result["loader"]["reader_threads"] >= 1
     assert result["sweep"]["k"] == 2 and result["sweep"]["speedup"] > 0
+
+
+def test_object_store_bench_runs_against_its_own_s3_server(tmp_path):
+    import pytest
+    pytest.importorskip("obstore")
+    pytest.importorskip("moto.server")
+    from scripts import bench_object_store
+    result = bench_object_store.main(["--out", str(tmp_path), "--tokens", "512", "--chunk-tokens", "256",
+                                      "--d", "64", "--chunks", "4", "--chunk-rows", "256", "--batch", "128",
+                                      "--buffer-tokens", "512", "--repeats", "1"])
+    assert (tmp_path / "object_store_bench.json").exists() and result["store"].startswith("moto")
+    assert set(result["write"]["MB_per_s"]) == {"harvest_local", "harvest_store", "raw_write_local", "raw_put_store"}
+    assert result["read"]["loader_store_over_raw_ranged_gets"] > 0 and result["write"]["objects"] == 2 * 22

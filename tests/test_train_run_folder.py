@@ -42,10 +42,9 @@ def test_foreign_folder_is_refused_in_process(cache, foreign):
     assert tree_digest(foreign) == before
 
 
-@pytest.mark.parametrize("module", ["train", "train.sweep"])
-def test_cli_refuses_before_hydra_writes_anything(cache, foreign, module):
+def test_cli_refuses_before_hydra_writes_anything(cache, foreign):
     before = sorted(p.relative_to(foreign) for p in foreign.rglob("*"))
-    done = cli(module, f"cache={cache}", "layer=3", "sublayer=mlp_out", f"run_dir={foreign}",
+    done = cli("train", f"cache={cache}", "layer=3", "sublayer=mlp_out", f"run_dir={foreign}",
                "train.total_tokens=64", "loader.batch_size=32", "sae.width=16", "train.progress=false")
     assert done.returncode == 1, done.stderr
     assert "error: run_dir=" in done.stderr and "notes.txt" in done.stderr and "Traceback" not in done.stderr
@@ -60,15 +59,17 @@ def test_a_file_is_refused(tmp_path):
 
 def test_own_run_and_sweep_folders_new_and_empty_ones_are_accepted(cache, tmp_path):
     run = tmp_path / "run"
-    done = cli("train", f"cache={cache}", "layer=3", "sublayer=mlp_out", f"run_dir={run}",
-               "train.total_tokens=64", "loader.batch_size=32", "sae.width=16", "train.progress=false")
-    assert done.returncode == 0, done.stderr
+    run_training(make_cfg(cache, run, "train.total_tokens=64"), single=True)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("{}\n")       # what Hydra adds
+    (run / "__main__.log").write_text("")
     (run / "eval").mkdir()
     (run / "eval" / "report.json").write_text("{}")          # what `make eval` adds
     check_run_folder(run)
     again = cli("train", f"cache={cache}", "layer=3", "sublayer=mlp_out", f"run_dir={run}",
-                "train.total_tokens=64", "loader.batch_size=32", "sae.width=16", "train.progress=false")
-    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr
+                "train.total_tokens=64", "loader.batch_size=32", "sae.width=16", "train.progress=false",
+                "train.resume=false")
+    assert again.returncode == 0 and "[train] wrote" in again.stdout, again.stderr
     sweep = tmp_path / "sweep"
     run_training(make_cfg(cache, sweep, "train.total_tokens=64", "sweep.grid.sae.sparsity_coeff=[0.001,0.01]",
                           sweep=True), single=False)
