@@ -173,7 +173,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    server = None
+    server, saved_env = None, dict(os.environ)
     if args.url is None:
         from tests.s3_server import BUCKET, start_server
         server = start_server()
@@ -187,6 +187,8 @@ def main(argv=None) -> dict:
     finally:
         if server is not None:
             server.process.kill()
+            os.environ.clear()
+            os.environ.update(saved_env)
     w, r = result["write"], result["read"]
     print(f"object-store benchmark against {result['store']}, median of {args.repeats}")
     print(f"write: {w['tokens']:,} tokens of the tiny model, {w['bytes'] / 1e6:.0f} MB in {w['objects']} objects "

@@ -16,7 +16,7 @@ WEIGHTS, META = "sae.safetensors", "sae.json"
 # What training, evaluation and Hydra put in a run or sweep folder; anything else makes it foreign.
 RUN_FOLDER_FILES = re.compile(r"(sae\.safetensors|sae\.json|metrics\.jsonl|checkpoint(_shard\d+of\d+)?\.pt"
                               r"|multirun\.yaml|(__main__|train|sweep)\.log)(\.tmp)?")
-RUN_FOLDER_DIRS = {".hydra", ".hydra_jobs", ".submitit", "tensorboard", "eval"}
+RUN_FOLDER_DIRS = {".hydra", ".hydra_jobs", ".submitit", "tensorboard", "eval", "features"}   # features: the browser
 
 
 class ForeignRunFolder(ValueError):
