@@ -46,20 +46,22 @@ def triton_available() -> bool:
 
 
 def jumprelu_sae(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth: float = 1e-3,
-                 sparsity_coeff: float = 0.0, backend: str = "auto", ste_to_input: bool = False) -> SAEOutput:
+                 sparsity_coeff: float = 0.0, backend: str = "auto", ste_to_input: bool = False,
+                 threshold_pool=None) -> SAEOutput:
     """JumpReLU SAE forward; differentiable in the five parameters with DESIGN.md's STE gradients.
 
     ste_to_input: also pass the straight-through gradient to the pre-activations (Anthropic's
     JumpReLU); `out.l0_tokens` and `out.fire_counts` carry other sparsity penalties to the
-    thresholds (kernels/reference.py)."""
+    thresholds; threshold_pool: (near_df, near_coef) -> pooled pair, applied to the threshold
+    gradient's per-latent sums before they are combined (kernels/reference.py)."""
     backend = _resolve_backend(backend, x)
     if backend == "reference":
         out = jumprelu_sae_reference(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, sparsity_coeff,
-                                     ste_to_input=ste_to_input, return_counts=True)
+                                     ste_to_input=ste_to_input, return_counts=True, threshold_pool=threshold_pool)
     else:
         from .jumprelu_triton import jumprelu_sae_triton
         out = jumprelu_sae_triton(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, sparsity_coeff,
-                                  ste_to_input=ste_to_input, return_counts=True)
+                                  ste_to_input=ste_to_input, return_counts=True, threshold_pool=threshold_pool)
     loss, mse, l0, x_hat, firings, l0_tokens, fire_counts = out
     return SAEOutput(loss=loss, mse=mse, l0=l0, x_hat=x_hat, firings=firings, l0_tokens=l0_tokens,
                      fire_counts=fire_counts)

@@ -105,7 +105,8 @@ def _variants():
             sig = dict(latent_src_ptr="*i32", col_ptr_ptr="*i32", col_tot_ptr="*i32",
                        pre_ptr="*fp32", df_ptr="*fp32", theta_ptr="*fp32",
                        c0_ptr="*fp32", t_ptr="*fp32", u_ptr="*fp32", x_ptr=f"*{op}", g_ptr=f"*{op}",
-                       dw_enc_ptr="*fp32", dw_dec_ptr="*fp32", db_enc_ptr="*fp32", dtheta_ptr="*fp32",
+                       dw_enc_ptr="*fp32", dw_dec_ptr="*fp32", db_enc_ptr="*fp32", near_df_ptr="*fp32",
+                       near_coef_ptr="*fp32",
                        D=i32, W=i32, half_bandwidth=f32, inv_bandwidth=f32,
                        stride_xb=i32, stride_xd=i32, stride_gb=i32, stride_gd=i32)
             name = (f"latent_grads {op}{'' if weights else ' dtheta only'}"

@@ -45,6 +45,7 @@ from .jumprelu_encode import jumprelu_encode
 from .latent_grads import latent_grads
 from .list_compact import list_compact
 from .latent_transpose import latent_transpose
+from .reference import threshold_grad
 from .sparse_decode import sparse_decode
 
 PRECISIONS = {  # name -> (operand dtype, tl.dot input_precision)
@@ -143,7 +144,8 @@ def _blocks(B: int, D: int, W: int, device: torch.device) -> tuple[Blocks, int]:
 # --------------------------------------------------------------------------- forward / backward
 
 
-def _forward(x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam, precision, ste_to_input, mode):
+def _forward(x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam, precision, ste_to_input, threshold_pool,
+             mode):
     """Returns (loss, mse, l0, x_hat, firings, l0_tokens, fire_counts) and the state the backward needs."""
     op_dtype, input_precision = PRECISIONS[precision]
     B, D = x.shape
@@ -178,6 +180,7 @@ def _forward(x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam, precision, st
     loss = mse + lam * l0
     state = dict(x=x, x_op=x_op, x_hat=x_hat, theta=theta_c, w_dec_op=w_dec_op, enc=enc,
                  bandwidth=bandwidth, lam=lam, blocks=blocks, dense=dense, ste_to_input=ste_to_input,
+                 threshold_pool=threshold_pool,
                  input_precision=input_precision, op_dtype=op_dtype)
     return (loss, mse, l0, x_hat, firings, l0_tok.to(out_dtype), firings.to(out_dtype)), state
 
@@ -211,11 +214,14 @@ def _backward(st, g_loss, g_mse, g_l0, g_xhat, g_l0_tokens=None, g_fire_counts=N
     dense = st["dense"]
     t = None if g_l0_tokens is None else g_l0_tokens.float().contiguous()
     u = None if g_fire_counts is None else g_fire_counts.float().contiguous()
-    dw_enc, dw_dec, db_enc, dtheta = latent_grads(
+    dw_enc, dw_dec, db_enc, near_df, near_coef = latent_grads(
         latent_src, col_ptr, col_tot, enc, df, st["theta"], c0, st["x_op"], g_op,
         st["bandwidth"], block_l=blocks.latents, block_t=blocks.tokens, block_d=blocks.feat,
         num_warps=blocks.gather_warps, weight_grads=not dense, ste_to_input=st["ste_to_input"],
         t=t, u=u, alloc=_alloc)
+    if st["threshold_pool"] is not None:
+        near_df, near_coef = st["threshold_pool"](near_df, near_coef)
+    dtheta = threshold_grad(st["theta"].float(), near_df, near_coef, st["bandwidth"])
     if dense:
         mm = dict(block_m=blocks.mm_m, block_n=blocks.mm_n, block_k=blocks.mm_k,
                   group_m=blocks.mm_group, input_precision=st["input_precision"],
@@ -235,9 +241,10 @@ def _backward(st, g_loss, g_mse, g_l0, g_xhat, g_l0_tokens=None, g_fire_counts=N
 
 class JumpReLUSAETriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam, precision, ste_to_input, mode):
+    def forward(ctx, x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam, precision, ste_to_input,
+                threshold_pool, mode):
         outputs, state = _forward(x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth, lam,
-                                  precision, ste_to_input, mode)
+                                  precision, ste_to_input, threshold_pool, mode)
         # Parameters go through save_for_backward so that an in-place update between forward and
         # backward is caught; the kernels' own buffers ride on ctx.
         ctx.save_for_backward(theta, W_dec)
@@ -256,7 +263,7 @@ class JumpReLUSAETriton(torch.autograd.Function):
         grads = _backward(ctx.state, g_loss, g_mse, g_l0, g_xhat, g_l0_tokens, g_fire_counts)
         ctx.state = None
         grads = [gr.to(dt) for gr, dt in zip(grads, ctx.dtypes)]
-        return (None, *grads, None, None, None, None, None)
+        return (None, *grads, None, None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------- path selection
@@ -315,7 +322,7 @@ def _measure(args) -> str:
     times = {}
     for mode in ("sparse", "dense"):
         def step():
-            outputs, state = _forward(*args, mode)     # args end with ste_to_input
+            outputs, state = _forward(*args[:-1], None, mode)   # no pooling while measuring
             ones = outputs[0].new_ones(())
             _backward(state, ones, None, None, None)
         step()                                   # compiles
@@ -343,7 +350,7 @@ def _choose_mode(x, W_enc, args) -> str:
     density = _density.get(_sae_key(W_enc))
     if not x.is_cuda:
         return "dense" if density is not None and density > CPU_DENSE_ABOVE else "sparse"
-    key = (x.shape[0], x.shape[1], W, args[-2], args[-1], x.device.index, _density_bucket(density))
+    key = (x.shape[0], x.shape[1], W, args[-3], args[-2], x.device.index, _density_bucket(density))
     if key not in _decisions:
         _decisions[key] = _measure(args)
     return _decisions[key]
@@ -352,7 +359,7 @@ def _choose_mode(x, W_enc, args) -> str:
 def jumprelu_sae_triton(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth=1e-3, lam=0.0,
                         precision: str | None = None, mode: str | None = None,
                         return_firings: bool = False, ste_to_input: bool = False,
-                        return_counts: bool = False):
+                        return_counts: bool = False, threshold_pool=None):
     """(loss, mse, l0, x_hat), and firings (int64 [W]: tokens on which each latent fired) with
     return_firings, and the differentiable counts (l0_tokens [B], fire_counts [W]) with
     return_counts (kernels/reference.py); differentiable in W_enc, b_enc, threshold, W_dec, b_dec."""
@@ -364,14 +371,15 @@ def jumprelu_sae_triton(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth=1e-3
         from .reference import jumprelu_sae_reference
         return jumprelu_sae_reference(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, lam,
                                       return_firings=return_firings, ste_to_input=ste_to_input,
-                                      return_counts=return_counts)
+                                      return_counts=return_counts, threshold_pool=threshold_pool)
     precision = precision or _matmul_precision or ("bf16" if x.is_cuda else "fp32")
     if precision not in PRECISIONS:
         raise ValueError(f"matmul precision {precision!r}: choose one of {sorted(PRECISIONS)}")
     mode = mode or _mode
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose one of {MODES}")
-    args = (x, W_enc, b_enc, threshold, W_dec, b_dec, float(bandwidth), float(lam), precision, bool(ste_to_input))
+    args = (x, W_enc, b_enc, threshold, W_dec, b_dec, float(bandwidth), float(lam), precision, bool(ste_to_input),
+            threshold_pool)
     if mode == "auto":
         with torch.no_grad():
             mode = _choose_mode(x, W_enc, args)

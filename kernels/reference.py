@@ -16,10 +16,20 @@ coefficient of each step H(pre_bi - theta_i):
 
 `ste_to_input=True` (Anthropic's JumpReLU) also passes the straight-through gradient to the
 pre-activations, hence to W_enc and b_enc: dpre_bi = df_bi H_bi + (1/eps) K_bi (theta_i df_bi + coef[b, i]).
+
+The threshold gradient is formed from two per-latent sums over the near-threshold entries of the
+batch, near_df_i = sum_b K_bi df_bi and near_coef_i = sum_b K_bi coef[b, i], by `threshold_grad`;
+both backends do it the same way, and `threshold_pool` (a callable (near_df, near_coef) -> pooled
+pair, train/sae/threshold_pool.py) may pool them with earlier steps' before they are combined.
 """
 from __future__ import annotations
 
 import torch
+
+
+def threshold_grad(theta, near_df, near_coef, bandwidth: float) -> torch.Tensor:
+    """dtheta_i = -(theta_i near_df_i + near_coef_i) / eps (see the module's docstring)."""
+    return -(theta * near_df + near_coef) / bandwidth
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -29,7 +39,8 @@ def rectangle(u: torch.Tensor) -> torch.Tensor:
 
 class JumpReLUSAEReference(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth: float, lam: float, ste_to_input: bool):
+    def forward(ctx, x, W_enc, b_enc, theta, W_dec, b_dec, bandwidth: float, lam: float, ste_to_input: bool,
+                threshold_pool=None):
         pre = x @ W_enc + b_enc
         active = pre > theta
         f = pre * active
@@ -42,7 +53,7 @@ class JumpReLUSAEReference(torch.autograd.Function):
         firings = active.sum(0, dtype=torch.int64)   # tokens on which each latent fired
         fire_counts = firings.to(x.dtype)
         ctx.save_for_backward(x, pre, theta, W_dec, x_hat)
-        ctx.bandwidth, ctx.lam, ctx.ste_to_input = bandwidth, lam, ste_to_input
+        ctx.bandwidth, ctx.lam, ctx.ste_to_input, ctx.threshold_pool = bandwidth, lam, ste_to_input, threshold_pool
         ctx.mark_non_differentiable(firings)
         return loss, mse, l0, x_hat, firings, l0_tokens, fire_counts
 
@@ -71,21 +82,25 @@ class JumpReLUSAEReference(torch.autograd.Function):
             coef = coef + g_l0_tokens[b]
         if g_fire_counts is not None:
             coef = coef + g_fire_counts[i]
-        ste = (theta[i] * df[b, i] + coef) / eps
-        dtheta = -torch.zeros_like(theta).index_add_(0, i, ste)
+        df_near = df[b, i]
+        near_df = torch.zeros_like(theta).index_add_(0, i, df_near)
+        near_coef = torch.zeros_like(theta).index_add_(0, i, coef)
+        if ctx.threshold_pool is not None:
+            near_df, near_coef = ctx.threshold_pool(near_df, near_coef)
+        dtheta = threshold_grad(theta, near_df, near_coef, eps)
         if ctx.ste_to_input:
-            dpre = dpre.index_put((b, i), ste, accumulate=True)
+            dpre = dpre.index_put((b, i), (theta[i] * df_near + coef) / eps, accumulate=True)
         dW_enc = x.T @ dpre
         db_enc = dpre.sum(0)
-        return None, dW_enc, db_enc, dtheta, dW_dec, db_dec, None, None, None
+        return None, dW_enc, db_enc, dtheta, dW_dec, db_dec, None, None, None, None
 
 
 def jumprelu_sae_reference(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth=1e-3, sparsity_coeff=0.0,
-                           return_firings=False, ste_to_input=False, return_counts=False):
+                           return_firings=False, ste_to_input=False, return_counts=False, threshold_pool=None):
     """(loss, mse, l0, x_hat), plus firings (int64 [W]) with return_firings, plus the differentiable
     counts (l0_tokens [B], fire_counts [W]) with return_counts."""
     out = JumpReLUSAEReference.apply(x, W_enc, b_enc, threshold, W_dec, b_dec,
-                                     float(bandwidth), float(sparsity_coeff), bool(ste_to_input))
+                                     float(bandwidth), float(sparsity_coeff), bool(ste_to_input), threshold_pool)
     if return_counts:
         return out
     return out[:5] if return_firings else out[:4]

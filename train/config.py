@@ -35,6 +35,10 @@ class SAEConfig:
     # jumprelu, batchtopk: Matryoshka prefixes as fractions of the width, e.g. [0.0625, 0.25] ([]: off)
     matryoshka_fractions: List[float] = field(default_factory=list)
     b_dec_init: str = "zeros"             # zeros | mean (of the first batch)
+    # jumprelu (l0, quadratic): the threshold gradient's kernel-density sums pooled over the last
+    # threshold_grad_pool_steps steps: none | window | ema (train/sae/threshold_pool.py)
+    threshold_grad_pool: str = "none"
+    threshold_grad_pool_steps: int = 1
     k: float = 32                         # topk (an integer), batchtopk (a mean over the batch)
     aux_k: int = 0                        # topk, batchtopk: AuxK latents among the dead ones (0: off; Gao et al.: 512)
     aux_coeff: float = 0.03125            # weight of the AuxK loss (1/32)

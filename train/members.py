@@ -70,7 +70,7 @@ def member_configs(cfg) -> list[tuple[str, object]]:
 
 CHOICES = {"architecture": ("jumprelu", "relu", "topk", "batchtopk", "gated"),
            "sparsity_loss": ("l0", "quadratic", "l1", "tanh"), "theta_parametrisation": ("raw", "log"),
-           "b_dec_init": ("zeros", "mean")}
+           "b_dec_init": ("zeros", "mean"), "threshold_grad_pool": ("none", "window", "ema")}
 
 
 def check_member(name: str, m) -> None:

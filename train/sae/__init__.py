@@ -36,7 +36,9 @@ def build_sae(cfg, d_in: int, generator: torch.Generator) -> SparseAutoencoder:
                            theta_min=cfg.theta_min, target_l0=cfg.target_l0, tanh_scale=cfg.tanh_scale,
                            ste_to_input=cfg.ste_to_input, pre_act_coeff=cfg.pre_act_coeff,
                            frequency_coeff=cfg.frequency_coeff, frequency_target=cfg.frequency_target,
-                           matryoshka_widths=matryoshka_widths(cfg, d_sae))
+                           matryoshka_widths=matryoshka_widths(cfg, d_sae),
+                           threshold_grad_pool=cfg.threshold_grad_pool,
+                           threshold_grad_pool_steps=cfg.threshold_grad_pool_steps)
     if cfg.architecture == "topk":
         if float(cfg.k) != int(cfg.k):
             raise ValueError(f"topk k must be an integer, got {cfg.k} (batchtopk takes a mean k)")

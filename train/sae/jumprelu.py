@@ -18,7 +18,9 @@ autograd with `JumpReLUFunction`. Options, any loss:
 - `matryoshka_widths` (Gemma Scope 2): the reconstruction loss is the mean over nested prefixes of
   the dictionary (each width's own reconstruction, the full width last), so the first latents learn
   the most general features; trained through autograd.
-Thresholds are `raw` (clamped at theta_min after each step) or `log` (theta = exp(s)).
+Thresholds are `raw` (clamped at theta_min after each step) or `log` (theta = exp(s)). The threshold
+gradient's kernel-density sums can be pooled over the last steps (`threshold_grad_pool`, `l0` and
+`quadratic` losses: train/sae/threshold_pool.py).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from torch import nn
 import kernels
 
 from .base import SparseAutoencoder, StepOutput, matryoshka_mse
+from .threshold_pool import ThresholdGradPool
 
 SPARSITY_LOSSES = ("l0", "quadratic", "l1", "tanh")
 
@@ -88,7 +91,7 @@ class JumpReLUSAE(SparseAutoencoder):
                  sparsity_loss: str = "l0", theta_parametrisation: str = "raw", theta_min: float = 1e-6,
                  target_l0: float = 0.0, tanh_scale: float = 4.0, ste_to_input: bool = False,
                  pre_act_coeff: float = 0.0, frequency_coeff: float = 0.0, frequency_target: float = 0.1,
-                 matryoshka_widths=()):
+                 matryoshka_widths=(), threshold_grad_pool: str = "none", threshold_grad_pool_steps: int = 1):
         super().__init__(d_in, d_sae, generator)
         if sparsity_loss not in SPARSITY_LOSSES:
             raise ValueError(f"jumprelu sparsity_loss must be one of {', '.join(SPARSITY_LOSSES)}, "
@@ -103,6 +106,11 @@ class JumpReLUSAE(SparseAutoencoder):
         self.pre_act_coeff = float(pre_act_coeff)
         self.frequency_coeff, self.frequency_target = float(frequency_coeff), float(frequency_target)
         self.matryoshka_widths = self.check_widths(matryoshka_widths)
+        if threshold_grad_pool != "none" and (sparsity_loss not in ("l0", "quadratic") or self.matryoshka_widths):
+            raise ValueError("threshold_grad_pool needs sparsity_loss l0 or quadratic without Matryoshka prefixes "
+                             "(the losses whose threshold gradient goes through the kernels)")
+        self.threshold_pool = (ThresholdGradPool(threshold_grad_pool, threshold_grad_pool_steps, self.d_sae)
+                               if threshold_grad_pool != "none" else None)
         self.W_enc = nn.Parameter(self.W_dec.detach().T.clone())
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         theta = torch.full((self.d_sae,), float(theta_init))
@@ -162,7 +170,8 @@ class JumpReLUSAE(SparseAutoencoder):
         l0_loss = self.sparsity_loss == "l0"
         out = kernels.jumprelu_sae(x, self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec,
                                    bandwidth=self.bandwidth, sparsity_coeff=lam if l0_loss else 0.0,
-                                   backend=backend, ste_to_input=self.ste_to_input)
+                                   backend=backend, ste_to_input=self.ste_to_input,
+                                   threshold_pool=self.threshold_pool)
         loss = (out.loss if l0_loss else out.mse) + self._sparsity(lam, out.l0_tokens, out.fire_counts, x.shape[0])
         return loss, out.mse.detach(), out.l0.detach(), out.firings
 
