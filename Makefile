@@ -52,7 +52,7 @@ LAUNCH       = $(if $(filter-out 1,$(NPROC) $(NODES)),$(PY) -m accelerate.comman
 NEEDS_S3     = $(if $(findstring ://,$(CACHE) $(ARGS) $(shell grep -hs '"cache": "[a-z0-9]*://' $(RUN)/sae.json $(RUN)/*/sae.json)),$(VENV)/.s3)
 NEEDS_SLURM  = $(if $(findstring submitit,$(ARGS))$(findstring launcher=slurm,$(ARGS)),$(VENV)/.slurm)
 
-.PHONY: help install demo harvest train sweep eval features export ablation tiny-model chromium test bench clean
+.PHONY: help install demo harvest train sweep eval features export ablation tiny-model quality chromium test bench clean
 
 help:
 	@echo "make demo | harvest | train | sweep | eval | features | export | ablation | tiny-model | test | bench  (see README.md)"
@@ -135,6 +135,13 @@ chromium:
 
 test: $(STAMP) $(VENV)/.saelens $(VENV)/.remote-tests chromium
 	$(PY) -m pytest -q -ra tests
+
+# SAE quality: ours against SAELens on the same data (conf/quality.yaml; about an hour per cache on
+# 2 cores). ARGS="only_regimes=[basic]" for one cache, ARGS="--config-name quality_recipes" for the
+# recipe study; a one-step speed comparison beside it.
+quality: $(STAMP) $(VENV)/.saelens
+	$(PY) -m quality $(ARGS)
+	$(PY) -m quality.step_speed
 
 bench: $(STAMP) chromium $(VENV)/.remote-tests
 	$(PY) -m harvest.bench
