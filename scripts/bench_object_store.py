@@ -131,8 +131,8 @@ def bench_read(args, out: Path, store: CacheLocation) -> dict:
     def loader(source, seed):             # rows read per second (the loader reads BOS rows, serves the rest)
         return loader_rate(source, args.batch, args.buffer_tokens, args.readers, seed=seed, epochs=2)[0] \
             * args.ctx / (args.ctx - 1)
-    rows = {k: [] for k in ("raw_read_local", "loader_local", "raw_get_whole_1", "raw_get_whole_n", "loader_store_whole",
-                            "raw_get_ranged", "loader_store")}
+    rows = {k: [] for k in ("raw_read_local", "loader_local", "raw_get_whole_1", "raw_get_whole_n",
+                            "loader_store_whole", "raw_get_ranged", "loader_store")}
     for i in range(args.repeats):          # alternated: the machine may be shared
         rows["raw_read_local"].append(raw_read_rate(files, args.chunk_rows))
         rows["loader_local"].append(loader(sources["local"], i))

@@ -50,6 +50,11 @@ class S3Server:
         return boto3.client("s3", endpoint_url=e["AWS_ENDPOINT_URL"], region_name=REGION,
                             aws_access_key_id=e["AWS_ACCESS_KEY_ID"], aws_secret_access_key=e["AWS_SECRET_ACCESS_KEY"])
 
+    def list_keys(self, prefix: str) -> list[str]:
+        """The keys under `prefix`, relative to it, sorted."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix + "/")
+        return sorted(o["Key"][len(prefix) + 1:] for page in pages for o in page.get("Contents", []))
+
     def objects(self, prefix: str) -> dict[str, bytes]:
         """Every object under `prefix` (no leading or trailing slash): key relative to it -> bytes."""
         s3, out = self.client(), {}
@@ -64,10 +69,12 @@ class S3Server:
 
     def upload(self, folder: Path, prefix: str) -> str:
         """Copy a local cache folder to s3://BUCKET/prefix (keys = relative paths); returns the URL."""
+        from concurrent.futures import ThreadPoolExecutor
         s3 = self.client()
-        for f in sorted(Path(folder).rglob("*")):
-            if f.is_file():
-                s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{f.relative_to(folder)}", Body=f.read_bytes())
+        files = [f for f in sorted(Path(folder).rglob("*")) if f.is_file()]
+        with ThreadPoolExecutor(8) as pool:           # boto3 clients are thread-safe
+            list(pool.map(lambda f: s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{f.relative_to(folder)}",
+                                                  Body=f.read_bytes()), files))
         return f"s3://{BUCKET}/{prefix}"
 
 

@@ -62,7 +62,8 @@ def store_error_message(e: BaseException, where: str) -> str:
     code = m.group(1) if (m := re.search(r"<Code>([^<]+)</Code>", text)) else ""
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     at = f" at {_endpoint()}" if _endpoint() else ""
-    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken") or type(e).__name__ == "UnauthenticatedError":
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken") or \
+            type(e).__name__ == "UnauthenticatedError":
         return (f"{where}: the object store rejected the credentials ({code or 'unauthenticated'}); check "
                 "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN (gs://: GOOGLE_APPLICATION_CREDENTIALS)")
     if code == "NoSuchBucket":
