@@ -31,4 +31,8 @@ def print_summary(path: str | Path) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m harvest.summary CACHE")
-    print_summary(sys.argv[1])
+    from .store import ObjectStoreError
+    try:
+        print_summary(sys.argv[1])
+    except ObjectStoreError as e:
+        sys.exit(f"error: {e}")
