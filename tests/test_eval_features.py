@@ -284,3 +284,36 @@ def test_logit_lens_ranks_tokens_as_the_models_own_modules_do(model, sublayer):
     assert lens.top_ids.tolist() == logits.topk(12).indices.tolist()
     assert lens.bottom_ids.tolist() == (-logits).topk(12).indices.tolist()
     assert (lens.top_values[:, 0] > lens.bottom_values[:, 0]).all()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_pass_killed_midway_resumes_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    from evaluate.browser import resume
+    from evaluate.browser.collect import FeatureCollector
+    run, sae, cache = _synthetic(tmp_path, 200, n_seq=64)
+    settings = dict(batch_sequences=3, sample_size=8, shard_latents=50)
+    reference = _features(run, out=str(tmp_path / "reference"), checkpoint_every_s=0, **settings)
+    original, calls = FeatureCollector.update, []
+
+    def crashing(self, *args, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt       # as a kill leaves it: state saved after batches 1..4 only
+        return original(self, *args, **kw)
+    monkeypatch.setattr(FeatureCollector, "update", crashing)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        _features(run, out=str(out), checkpoint_every_s=1e-9, **settings)
+    checkpoint = resume.checkpoint_path(out)
+    assert torch.load(checkpoint, weights_only=False)["done"] == 12 and not out.exists()
+    monkeypatch.setattr(FeatureCollector, "update", original)
+    _features(run, out=str(out), checkpoint_every_s=1e-9, **settings)
+    assert not checkpoint.exists()
+    data = lambda folder: {p.name: p.read_bytes() for p in (folder / "data").glob("shard_*.js")}
+    assert data(out) == data(reference) and len(data(out)) == 4
+    strip = lambda folder: (folder / "data" / "index.js").read_text().split('"count":', 1)[1]
+    assert strip(out) == strip(reference)
+    # a saved state of other settings is not resumed from: it is discarded
+    resume.save(checkpoint, "another SAE", 3, np.zeros((3, 16), np.int32), FeatureCollector(200))
+    _features(run, out=str(out), **settings)
+    assert data(out) == data(reference) and not checkpoint.exists()

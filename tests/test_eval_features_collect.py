@@ -112,9 +112,16 @@ def test_random_sample_is_a_uniform_sample_of_each_latents_firings():
 
 def test_topk_merge_keeps_the_largest_keys_and_their_payloads():
     t = PerLatentTopK(3, 2, {"p": ((2,), torch.int64)})
-    t.merge(torch.tensor([0, 0, 0, 2]), torch.tensor([1.0, 5.0, 3.0, 2.0]),
-            {"p": torch.tensor([[1, 1], [5, 5], [3, 3], [2, 2]])})
-    t.merge(torch.tensor([0, 2, 2]), torch.tensor([4.0, 2.0, 7.0]), {"p": torch.tensor([[4, 4], [9, 9], [7, 7]])})
+    first = torch.tensor([[1, 1], [5, 5], [3, 3], [2, 2]])
+    t.offer(torch.tensor([0, 0, 0, 2]), torch.tensor([1.0, 5.0, 3.0, 2.0]), lambda j: {"p": first[j]})
+    asked = []
+    second = torch.tensor([[4, 4], [9, 9], [7, 7], [0, 0], [6, 6]])
+
+    def payload(j):
+        asked.extend(j.tolist())
+        return {"p": second[j]}
+    t.offer(torch.tensor([0, 2, 2, 0, 0]), torch.tensor([4.0, 2.0, 7.0, 0.5, 0.2]), payload)
+    assert sorted(asked) == [0, 1, 2, 3]                # not for entry 4: latent 0 has two better ones here
     assert t.keys.tolist() == [[5.0, 4.0], [float("-inf")] * 2, [7.0, 2.0]]
     assert t.payload["p"][:, :, 0].tolist() == [[5, 4], [0, 0], [7, 2]]    # the tie at 2.0 keeps the older entry
     assert t.threshold.tolist() == [4.0, float("-inf"), 2.0]

@@ -12,16 +12,20 @@ from typing import Optional
 
 import numpy as np
 import torch
-import zarr
 from tqdm.auto import tqdm
 
 from ..errors import EvalInputError
 from ..heldout import heldout_batches, non_bos_mask, open_site, select_heldout
 from ..labels import architecture_label
 from ..sources import EvalTarget, RunError, resolve
+from train.cache_reader import open_cache
+from . import resume
 from .collect import FeatureCollector
 from .logit_lens import logit_lens
-from .site import MARKER, SiteWriter, write_site
+from .site import MARKER, SiteWriter, write_marker, write_site
+
+
+CODES_BUDGET = 2 ** 28      # elements of the [tokens, d_sae] codes of one encode (1 GB in float32)
 
 
 class FeaturesError(EvalInputError):
@@ -57,7 +61,7 @@ def _check_out(out: Path) -> None:
 
 def _model_and_tokenizer(cache: str, device: str):
     """(model, tokenizer, note): the model the cache was harvested from, if it records one."""
-    attrs = dict(zarr.open_group(cache, mode="r").attrs)
+    attrs = dict(open_cache(cache).attrs)
     if not isinstance(attrs.get("harvest_config"), dict) or "model" not in attrs["harvest_config"]:
         return None, None, (f"cache {cache!r} records no model: tokens are shown as ids and there is no "
                             "logit lens")
@@ -72,8 +76,10 @@ def vocab_strings(tokenizer, vocab_size: int) -> list[str]:
     return [tokenizer.decode([i]) if i < known else f"<id {i}>" for i in range(vocab_size)]
 
 
-def collect(target: EvalTarget, cfg, device: torch.device):
-    """The one pass: (CollectedFeatures, tokens [n, T] int32, cache sequence ids [n], source)."""
+def collect(target: EvalTarget, cfg, device: torch.device, checkpoint: Optional[Path] = None):
+    """The one pass: (CollectedFeatures, tokens [n, T] int32, cache sequence ids [n], source). With a
+    checkpoint path, the state is saved there every cfg.checkpoint_every_s seconds and a matching
+    saved state is resumed from."""
     source = open_site(target.cache, target.layer, target.sublayer)
     if target.sae.d_in != source.width:
         raise FeaturesError(f"width mismatch: the SAE reads {target.sae.d_in}-dimensional activations but the "
@@ -83,11 +89,19 @@ def collect(target: EvalTarget, cfg, device: torch.device):
     collector = FeatureCollector(target.sae.d_sae, cfg.top_contexts, cfg.sample_size, cfg.context_before,
                                  cfg.context_after, cfg.histogram_bins, cfg.seed, device)
     tokens_all = np.empty((len(seqs), T), dtype=np.int32)
-    per_encode = max(1, int(cfg.encode_tokens) // T)
-    bar = tqdm(total=len(seqs) * T, desc=f"features: held-out tokens of {source.name}", unit="tok",
-               unit_scale=True, disable=not cfg.progress)
     done = 0
-    for tokens, acts in heldout_batches(source, seqs, cfg.batch_sequences):
+    if checkpoint is not None:
+        key = resume.fingerprint(target.sae, target.cache, target.layer, target.sublayer, target.heldout, cfg)
+        state = resume.load(checkpoint, cfg.progress, key)
+        if state is not None:
+            collector.load_state_dict(state["collector"])
+            done = int(state["done"])
+            tokens_all[:done] = state["tokens"]
+    per_encode = max(1, min(int(cfg.encode_tokens), CODES_BUDGET // target.sae.d_sae) // T)   # sequences
+    bar = tqdm(total=len(seqs) * T, initial=done * T, desc=f"features: held-out tokens of {source.name}",
+               unit="tok", unit_scale=True, disable=not cfg.progress)
+    saved = time.time()
+    for tokens, acts in heldout_batches(source, seqs[done:], cfg.batch_sequences):
         keep = non_bos_mask(tokens, source.bos_token_id)
         tokens_all[done:done + len(tokens)] = tokens.numpy()
         for lo in range(0, len(tokens), per_encode):
@@ -98,11 +112,14 @@ def collect(target: EvalTarget, cfg, device: torch.device):
             del f
         done += len(tokens)
         bar.update(len(tokens) * T)
+        if checkpoint is not None and cfg.checkpoint_every_s > 0 and time.time() - saved >= cfg.checkpoint_every_s:
+            resume.save(checkpoint, key, done, tokens_all, collector)
+            saved = time.time()
     bar.close()
     return collector.result(), tokens_all, seqs, source
 
 
-def _meta(target: EvalTarget, cfg, stats, source, n_sequences: int, note: Optional[str], seconds: float) -> dict:
+def _meta(target: EvalTarget, cfg, stats, source, n_sequences: int, note: Optional[str], phases: dict) -> dict:
     return {"name": target.name, "source": str(target.path), "architecture": target.meta.get("architecture"),
             "label": architecture_label(target.meta), "model": str(target.meta.get("model") or ""),
             "layer": target.layer, "sublayer": target.sublayer, "cache": target.cache,
@@ -113,7 +130,7 @@ def _meta(target: EvalTarget, cfg, stats, source, n_sequences: int, note: Option
             "settings": {k: getattr(cfg, k) for k in ("max_tokens", "top_contexts", "sample_size", "quantiles",
                                                      "samples_per_band", "context_before", "context_after",
                                                      "histogram_bins", "logit_tokens", "seed")},
-            "notes": [n for n in [note] if n], "seconds": round(seconds, 1),
+            "notes": [n for n in [note] if n], "seconds": {k: round(v, 2) for k, v in phases.items()},
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -127,23 +144,31 @@ def build_browser(cfg) -> Path:
     out = default_out(cfg)
     _check_out(out)
     model, tokenizer, note = _model_and_tokenizer(target.cache, cfg.device)
+    phases = {"load_s": time.time() - started}
     with torch.no_grad():
-        stats, tokens, seqs, source = collect(target, cfg, device)
+        t = time.time()
+        stats, tokens, seqs, source = collect(target, cfg, device, resume.checkpoint_path(out))
+        phases["collect_s"], t = time.time() - t, time.time()
         lens = None
         if model is not None:
             lens = logit_lens(model, target.sae.W_dec, target.layer, target.sublayer, cfg.logit_tokens,
                               progress=cfg.progress)
+        phases["logit_lens_s"] = time.time() - t
     vocab = vocab_strings(tokenizer, model.config.vocab_size) if tokenizer is not None else None
     writer = SiteWriter(stats, tokens, seqs, lens, cfg.quantiles, cfg.samples_per_band)
-    meta = _meta(target, cfg, stats, source, len(seqs), note, time.time() - started)
+    meta = _meta(target, cfg, stats, source, len(seqs), note, phases)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)           # mkdtemp makes it private; the browser is for sharing
     try:
-        write_site(staging, writer, meta, vocab, cfg.shard_latents, cfg.progress)
+        t = time.time()
+        meta = write_site(staging, writer, meta, vocab, cfg.shard_latents, cfg.progress)
+        meta["seconds"]["write_s"] = round(time.time() - t, 2)
+        write_marker(staging, meta)
         _swap_in(staging, out)
+        resume.checkpoint_path(out).unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

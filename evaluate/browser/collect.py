@@ -72,41 +72,55 @@ class FeatureCollector:
         self.hist = StreamingHistogram(self.W, histogram_bins, self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
 
-    def _windows(self, f: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        """[C, window] activations of latent[c] in sequence seq[c] (of the batch) around pos[c]."""
+    def _windows(self, f: torch.Tensor, keep: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor,
+                 latent: torch.Tensor) -> torch.Tensor:
+        """[C, window] activations of latent[c] in sequence seq[c] (of the batch) around pos[c]; 0 at
+        masked positions and outside the sequence."""
         T = f.shape[1]
         at = pos[:, None] + self.offsets[None, :]
         inside = (at >= 0) & (at < T)
-        vals = f[seq[:, None], at.clamp(0, T - 1), latent[:, None]] * inside
+        at = at.clamp(0, T - 1)
+        vals = f[seq[:, None], at, latent[:, None]] * (inside & keep[seq[:, None], at])
         return vals.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(WINDOW_DTYPE)
 
     @torch.no_grad()
     def update(self, f: torch.Tensor, keep: torch.Tensor, seq_index: torch.Tensor) -> None:
-        """f [b, T, W] codes of b sequences (modified: masked positions are zeroed), keep [b, T] bool,
-        seq_index [b] int64: each sequence's index in the order fed (what top_seq refers to)."""
-        f.masked_fill_(~keep.to(f.device)[..., None], 0)
+        """f [b, T, W] codes of b sequences, keep [b, T] bool (False: not counted, e.g. BOS),
+        seq_index [b] int64: each sequence's index in the order fed (what top_seq refers to).
+
+        Everything past the one scan for nonzero codes works on the firings alone (L0 per token,
+        not d_sae): dense passes over [b, T, W] would cost as much as the encoder."""
+        b, T, W = f.shape
+        keep = keep.to(f.device)
         self.n_tokens += int(keep.sum())
         seq_index = seq_index.to(self.device)
-
-        peak, peak_pos = f.max(dim=1)                                        # [b, W]
-        self.max = torch.maximum(self.max, peak.amax(0))
-        s, lat = torch.nonzero((peak > 0) & (peak > self.top.threshold[None, :]), as_tuple=True)
-        if len(s):
-            pos = peak_pos[s, lat]
-            self.top.merge(lat, peak[s, lat], {"seq": seq_index[s], "pos": pos,
-                                               "window": self._windows(f, s, pos, lat)})
-
         s, t, lat = torch.nonzero(f, as_tuple=True)
+        counted = torch.nonzero(keep[s, t]).flatten()
+        s, t, lat = s[counted], t[counted], lat[counted]
         acts = f[s, t, lat]
-        self.count += torch.bincount(lat, minlength=self.W)
+        self.count += torch.bincount(lat, minlength=W)
         self.total.index_add_(0, lat, acts.double())
         self.hist.add(lat, acts)
+
+        # each sequence's peak per latent (the first position of it, as argmax would give)
+        pair = s * W + lat
+        peak = torch.full((b * W,), float("-inf"), device=f.device).scatter_reduce(
+            0, pair, acts.float(), reduce="amax", include_self=True)
+        at_peak = torch.nonzero(acts == peak[pair]).flatten()
+        peak_pos = torch.full((b * W,), T, dtype=torch.int64, device=f.device).scatter_reduce(
+            0, pair[at_peak], t[at_peak], reduce="amin", include_self=True)
+        peak, peak_pos = peak.view(b, W), peak_pos.view(b, W)
+        self.max = torch.maximum(self.max, peak.amax(0).clamp_min(0))
+        ps, plat = torch.nonzero((peak > 0) & (peak > self.top.threshold[None, :]), as_tuple=True)
+        ppos = peak_pos[ps, plat]
+        self.top.offer(plat, peak[ps, plat], lambda j: {"seq": seq_index[ps[j]], "pos": ppos[j],
+                                                          "window": self._windows(f, keep, ps[j], ppos[j], plat[j])})
+
         key = torch.rand(len(lat), generator=self.generator, device=self.device)
-        enters = key > self.sample.threshold[lat]
-        if enters.any():
-            s, t, lat, acts, key = s[enters], t[enters], lat[enters], acts[enters], key[enters]
-            self.sample.merge(lat, key, {"act": acts, "seq": seq_index[s], "pos": t,
-                                         "window": self._windows(f, s, t, lat)})
+        enters = torch.nonzero(key > self.sample.threshold[lat]).flatten()
+        s, t, lat, acts, key = s[enters], t[enters], lat[enters], acts[enters], key[enters]
+        self.sample.offer(lat, key, lambda j: {"act": acts[j], "seq": seq_index[s[j]], "pos": t[j],
+                                               "window": self._windows(f, keep, s[j], t[j], lat[j])})
 
     def result(self) -> CollectedFeatures:
         cpu = lambda t: t.cpu()

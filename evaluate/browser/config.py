@@ -26,7 +26,8 @@ class FeaturesConfig:
     # Held-out tokens scanned in the one pass (null: all of them).
     max_tokens: Optional[int] = 1_048_576
     batch_sequences: int = 8             # held-out sequences read at a time
-    encode_tokens: int = 4096            # tokens encoded at a time (bounds the [tokens, d_sae] codes in memory)
+    # Tokens encoded at a time, at most (fewer for wide SAEs: the [tokens, d_sae] codes stay under 1 GB).
+    encode_tokens: int = 4096
     top_contexts: int = 20               # per latent: the held-out sequences where it peaks highest
     # Per latent, a uniform random sample of its firings (this many) from which the quantile bands
     # draw their examples; bands are consecutive quantiles of that sample's activations.
@@ -40,6 +41,9 @@ class FeaturesConfig:
     dense_threshold: float = 0.1         # marked dense above this firing frequency
     shard_latents: int = 128             # latents per data file the browser loads on demand
     seed: int = 0
+    # Seconds between saves of the pass's state (beside out), from which the same command resumes
+    # after a crash; 0: never save.
+    checkpoint_every_s: float = 300.0
     progress: bool = True
 
 

@@ -4,7 +4,7 @@
     data/index.js       window.JUMPSCOPE_INDEX = {meta, count, frequency, mean, max, top_token}
     data/vocab.js       window.JUMPSCOPE_VOCAB = [token string per id]     (when the model is known)
     data/shard_NNNNN.js jumpscopeShard(N, [latent, ...]) for latents [N*S, (N+1)*S), loaded on demand
-    features.json       the meta record (what was scanned, with which settings)
+    features.json       the meta record (what was scanned, with which settings, how long it took)
 
 Data files are scripts, not JSON, because browsers refuse fetch() on file:// pages. A latent in a shard:
     {"i": id, "scale": max activation, "top": [context...], "bands": [band...],
@@ -143,8 +143,9 @@ def _script(path: Path, prefix: str, payload, suffix: str = ";") -> None:
 
 
 def write_site(folder: Path, writer: SiteWriter, meta: dict, vocab: Optional[list[str]], shard_latents: int,
-               progress: bool = True) -> None:
-    """Write the whole browser into `folder` (which must exist and be empty)."""
+               progress: bool = True) -> dict:
+    """Write the page and its data into `folder` (which must exist and be empty); returns the meta
+    record the page got (for `write_marker`)."""
     data = folder / "data"
     data.mkdir()
     W = writer.stats.count.numel()
@@ -159,4 +160,8 @@ def write_site(folder: Path, writer: SiteWriter, meta: dict, vocab: Optional[lis
         lo, hi = k * shard_latents, min(W, (k + 1) * shard_latents)
         _script(data / f"shard_{k:05d}.js", f"jumpscopeShard({k},", writer.latents(lo, hi), ");")
     _script(data / "index.js", "window.JUMPSCOPE_INDEX=", writer.index(meta))
+    return meta
+
+
+def write_marker(folder: Path, meta: dict) -> None:
     (folder / MARKER).write_text(json.dumps(meta, indent=1) + "\n")
