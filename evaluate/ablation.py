@@ -102,12 +102,13 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def compare_at_equal_l0(rows: list[dict], n_points: int = 3) -> list[dict]:
-    """For each question: both arms' metric at L0 values inside both frontiers (log-L0 interpolation).
-    Metrics no SAE has (delta LM loss on a cache without a model) are left out."""
+def compare_at_equal_l0(rows: list[dict], n_points: int = 3, questions=QUESTIONS, metrics=METRICS) -> list[dict]:
+    """For each question (arm a, arm b, text): both arms' metric at L0 values inside both frontiers
+    (log-L0 interpolation); rows name their arm under "architecture". Metrics no SAE has (delta LM
+    loss on a cache without a model) are left out."""
     out = []
-    metrics = [(m, n) for m, n in METRICS if any(_finite(r.get(m)) for r in rows)]
-    for a, b, question in QUESTIONS:
+    metrics = [(m, n) for m, n in metrics if any(_finite(r.get(m)) for r in rows)]
+    for a, b, question in questions:
         for metric, metric_name in metrics:
             xa, ya = _frontier(rows, a, metric)
             xb, yb = _frontier(rows, b, metric)

@@ -20,7 +20,7 @@ import torch
 from .config import QualityConfig
 from .ours_arm import member_name, train_ours
 from .saelens_arm import available as saelens_available, train_saelens
-from .synthetic import FEATURES_FILE, LAYER, SUBLAYER, write_synthetic_cache
+from .synthetic import LAYER, SUBLAYER, true_features, write_synthetic_cache
 
 
 def _caches(cfg: QualityConfig) -> list[dict]:
@@ -31,7 +31,7 @@ def _caches(cfg: QualityConfig) -> list[dict]:
         path = Path(cfg.out) / "caches" / regime.name
         write_synthetic_cache(path, regime, cfg.synthetic_tokens, progress=cfg.progress)
         out.append({"name": regime.name, "cache": str(path), "layer": LAYER, "sublayer": SUBLAYER,
-                    "features": str(path / FEATURES_FILE), "regime": asdict(regime)})
+                    "features": True, "regime": asdict(regime)})
     for lm in cfg.lm_caches:
         if cfg.only_regimes and lm.name not in cfg.only_regimes:
             continue
@@ -98,12 +98,12 @@ def _targets(cache: dict, budget, cfg: QualityConfig, run_dir: Path) -> list:
 def _score(targets: list, cache: dict, cfg: QualityConfig) -> list[dict]:
     from evaluate.config import EvalConfig
     from evaluate.evaluation import evaluate_targets
-    from evaluate.features import feature_recovery, load_features
+    from evaluate.features import feature_recovery
     eval_cfg = EvalConfig(run="", max_tokens=cfg.eval_tokens, progress=cfg.progress, plots=False,
                           delta_lm_sequences=cfg.delta_lm_sequences if cache["features"] is None else 0,
                           device=cfg.device)
     results = evaluate_targets(targets, eval_cfg)
-    features = load_features(cache["features"], targets[0].sae.d_in) if cache["features"] else None
+    features = true_features(cache["cache"]) if cache["features"] else None
     rows = []
     for t, r in zip(targets, results):
         rec = r["reconstruction"]

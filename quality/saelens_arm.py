@@ -14,7 +14,6 @@ import importlib
 import io
 import tempfile
 import time
-from pathlib import Path
 from typing import Iterator
 
 import torch

@@ -13,12 +13,12 @@ drawn:
 
 The cache is format version 1 (shared/DESIGN.md), written a chunk at a time, so the trainer and the
 evaluation read it like any harvest: `tokens` (random ids, BOS at each sequence's first position),
-`layer_0/resid_post` (bf16 bits), `complete`, and the array's `mean_squared_norm` over non-BOS rows.
+`layer_0/resid_post` (bf16 bits), `complete`, and the array's `mean_squared_norm` over non-BOS rows;
+plus the array `true_features` [n_features, d] and the regime in the group attribute `synthetic`.
 Deterministic for its seed.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 LAYER, SUBLAYER = 0, "resid_post"
-FEATURES_FILE = "true_features.npy"
+FEATURES_ARRAY = "true_features"
 BOS = 2
 
 
@@ -107,8 +107,10 @@ def write_synthetic_cache(path: Path, regime: Regime, n_tokens: int, context_len
     identity = {"regime": asdict(regime), "n_tokens": int(n_tokens), "context_length": context_length,
                 "chunk_rows": chunk_rows}
     if (path / "zarr.json").exists():
-        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
-        if attrs.get("synthetic") == identity and all(zarr.open_group(str(path), mode="r")["complete"][:]):
+        group = zarr.open_group(str(path), mode="r+")
+        if dict(group.attrs).get("synthetic") == identity and all(group["complete"][:]):
+            if FEATURES_ARRAY not in group:       # written before the features were kept in the group
+                group.create_array(FEATURES_ARRAY, data=SyntheticSource(regime).features, compressors=None)
             return path
         raise FileExistsError(f"{path} holds another cache; remove it or choose another path")
     if n_tokens % chunk_rows or chunk_rows % context_length:
@@ -143,6 +145,10 @@ def write_synthetic_cache(path: Path, regime: Regime, n_tokens: int, context_len
                         "n_tokens": int(n_tokens), "bos_token_id": BOS, "storage_dtype": "bfloat16",
                         "model": {"id": "synthetic"}, "data": {"source": "quality/synthetic.py"},
                         "harvest_config": {}, "synthetic": identity})
-    np.save(path / FEATURES_FILE, source.features)
-    (path / "regime.json").write_text(json.dumps(identity, indent=1) + "\n")
+    group.create_array(FEATURES_ARRAY, data=source.features, compressors=None)
     return path
+
+
+def true_features(path) -> np.ndarray:
+    import zarr
+    return np.asarray(zarr.open_group(str(path), mode="r")[FEATURES_ARRAY][:])

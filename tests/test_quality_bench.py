@@ -1,0 +1,118 @@
+"""The SAE quality benchmark (quality/): its synthetic caches against direct computations, the same
+batches for every trainer, and the benchmark and the threshold-pool study end to end on small settings."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from quality.config import Arm, Budget, QualityConfig
+from quality.synthetic import Regime, SyntheticSource, true_features, write_synthetic_cache
+
+
+@pytest.mark.parametrize("regime", [
+    Regime(name="u", d=16, n_features=64, active_per_token=3),
+    Regime(name="p", d=16, n_features=64, active_per_token=3, frequency="power_law", power_law_exponent=1.2),
+    Regime(name="g", d=16, n_features=64, active_per_token=3, correlation="groups", group_size=4, within_group=0.5),
+    Regime(name="m", d=16, n_features=64, active_per_token=3, magnitude="lognormal", magnitude_spread=1.0),
+], ids=lambda r: r.name)
+def test_regimes_draw_what_they_say(regime):
+    src = SyntheticSource(regime)
+    x, coeff = src.sample(40000, np.random.default_rng(0))
+    on = coeff > 0
+    np.testing.assert_allclose(np.linalg.norm(src.features, axis=1), 1, rtol=1e-6)
+    np.testing.assert_allclose(x, coeff @ src.features, rtol=1e-4, atol=1e-4)
+    assert on.sum(1).mean() == pytest.approx(regime.active_per_token, rel=0.05)
+    freq = on.mean(0)
+    if regime.frequency == "power_law":
+        ranks = np.argsort(np.argsort(-src.p_fire)) + 1
+        # rate of rank r ~ r^-exponent: the fitted slope of log rate against log rank
+        slope = np.polyfit(np.log(ranks), np.log(np.maximum(freq, 1e-6)), 1)[0]
+        assert slope == pytest.approx(-regime.power_law_exponent, abs=0.15)
+    else:
+        np.testing.assert_allclose(freq, regime.active_per_token / regime.n_features, atol=0.006)
+    if regime.correlation == "groups":
+        a, b = on[:, 0], on[:, 1]                          # same group
+        c = on[:, 4]                                       # another group
+        assert (a & b).mean() > 5 * a.mean() * b.mean() and (a & c).mean() < 2 * a.mean() * c.mean()
+    if regime.magnitude == "lognormal":
+        mean_mag = np.array([coeff[on[:, i], i].mean() for i in range(regime.n_features)])
+        np.testing.assert_allclose(mean_mag, src.scale, rtol=0.15)       # factor uniform in [0.5, 1.5]
+
+
+def test_synthetic_cache_is_a_format_v1_cache(tmp_path):
+    from train.cache_reader import open_activations
+    regime = Regime(name="u", d=8, n_features=24, active_per_token=2, seed=3)
+    path = write_synthetic_cache(tmp_path / "c", regime, 4096, context_length=64, chunk_rows=1024, progress=False)
+    source = open_activations(str(path), 0, "resid_post")
+    assert source.complete.all() and source.width == 8
+    x, _ = SyntheticSource(regime).sample(1024, np.random.default_rng([3, 1, 2]))     # chunk 2's rows
+    stored = source.as_tensor(source.array[2048:3072]).float().numpy()
+    np.testing.assert_allclose(stored, x, rtol=1e-2, atol=1e-2)                        # bf16 of the same draws
+    np.testing.assert_array_equal(true_features(path), SyntheticSource(regime).features)
+    assert write_synthetic_cache(tmp_path / "c", regime, 4096, context_length=64, chunk_rows=1024,
+                                 progress=False) == path                              # found, not rewritten
+    with pytest.raises(FileExistsError):
+        write_synthetic_cache(tmp_path / "c", Regime(name="v", d=8, n_features=24, seed=4), 4096,
+                              context_length=64, chunk_rows=1024, progress=False)
+
+
+def _small_config(tmp_path, arms) -> QualityConfig:
+    return QualityConfig(out=str(tmp_path / "q"), regimes=[Regime(name="tiny", d=8, n_features=24, active_per_token=2)],
+                         synthetic_tokens=16384, budgets=[Budget(name="smoke", tokens=4096, batch_size=256, lr=3e-3,
+                                                                  lr_warmup_steps=2)],
+                         arms=arms, width=32, buffer_tokens=2048, heldout_fraction=0.1, eval_tokens=2048,
+                         progress=False)
+
+
+def test_every_trainer_sees_the_batches_the_trainer_loop_serves(tmp_path):
+    from quality.bench import _caches, _loader_batches
+    from train.cache_reader import heldout_sequences, open_activations
+    from train.loader import ChunkLoader
+    cfg = _small_config(tmp_path, [])
+    cache = _caches(cfg)[0]
+    _, batches = _loader_batches(cache, cfg, 256)
+    source = open_activations(cache["cache"], 0, "resid_post")
+    # what train.loop.train_members builds for the same loader settings
+    loop = ChunkLoader(source, [int(c) for c in source.complete.nonzero()[0]],
+                       heldout_sequences(source.n_sequences, cfg.heldout_fraction, 0), 256, cfg.buffer_tokens, cfg.seed)
+    for _ in range(20):
+        assert torch.equal(next(batches), loop.next_batch().to(torch.float32))
+
+
+def test_benchmark_end_to_end_with_saelens(tmp_path):
+    pytest.importorskip("sae_lens")
+    from quality.bench import run_quality
+    arms = [Arm(name="ours", trainer="ours", preset="jumprelu", knob="sparsity_coeff", levels=[0.01, 0.1]),
+            Arm(name="theirs", trainer="saelens", preset="jumprelu_step", knob="l0_coefficient", levels=[0.3])]
+    results = run_quality(_small_config(tmp_path, arms))
+    rows = results["runs"][0]["rows"]
+    assert {(r["trainer"], r["level"]) for r in rows} == {("ours", 0.01), ("ours", 0.1), ("saelens", 0.3)}
+    for r in rows:
+        assert 0 <= r["recovered"] <= 1 and np.isfinite(r["fvu"]) and r["l0"] >= 0 and 0 <= r["alive"] <= 32
+    ours = {r["level"]: r for r in rows if r["trainer"] == "ours"}
+    assert ours[0.1]["l0"] < ours[0.01]["l0"]                 # lambda does what it should
+    report = (tmp_path / "q" / "report.md").read_text()
+    assert "tiny / smoke" in report and (tmp_path / "q" / "frontier_tiny_smoke.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "q" / "results.json").read_text())["runs"][0]["rows"] == rows
+
+
+def test_threshold_pool_study_end_to_end(tmp_path):
+    from quality.threshold_pool_study import run_study
+    arms = [Arm(name="none", trainer="ours", preset="jumprelu", knob="sparsity_coeff", levels=[0.01, 0.1]),
+            Arm(name="window_4", trainer="ours", preset="jumprelu", knob="sparsity_coeff", levels=[0.01, 0.1],
+                overrides={"sae.threshold_grad_pool": "window", "sae.threshold_grad_pool_steps": 4})]
+    docs = tmp_path / "docs"
+    report = run_study(_small_config(tmp_path, arms), docs=docs, noise_batches=24).read_text()
+    assert "early (10% of the budget)" in report and "end of training" in report
+    assert "window 16" in report and "bandwidth 0.01" in report
+    assert "window_4 against none" in report
+    assert (docs / "thresholds_tiny.png").read_bytes()[:4] == b"\x89PNG"
+    study = json.loads((docs / "results.json").read_text())
+    table = study["runs"][0]["noise"]["end of training"]["table"]
+    # at fixed parameters a window of K batches has about 1/K of the batch-alone variance
+    for bucket, none in table["none"].items():
+        assert table["window 8"][bucket]["variance"] < 0.5 * none["variance"]
