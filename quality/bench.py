@@ -28,7 +28,7 @@ def _caches(cfg: QualityConfig) -> list[dict]:
     for regime in cfg.regimes:
         if cfg.only_regimes and regime.name not in cfg.only_regimes:
             continue
-        path = Path(cfg.out) / "caches" / regime.name
+        path = Path(cfg.caches) / regime.name
         write_synthetic_cache(path, regime, cfg.synthetic_tokens, progress=cfg.progress)
         out.append({"name": regime.name, "cache": str(path), "layer": LAYER, "sublayer": SUBLAYER,
                     "features": True, "regime": asdict(regime)})

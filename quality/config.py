@@ -45,6 +45,7 @@ class Arm:
 @dataclass
 class QualityConfig:
     out: str = "bench_out/quality"
+    caches: str = "bench_out/quality/caches"   # synthetic caches, shared by every config that uses them
     regimes: List[Regime] = field(default_factory=list)
     lm_caches: List[LMCache] = field(default_factory=list)
     synthetic_tokens: int = 5_242_880    # tokens per synthetic cache (training rows + held-out)

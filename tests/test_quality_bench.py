@@ -61,7 +61,7 @@ def test_synthetic_cache_is_a_format_v1_cache(tmp_path):
 
 
 def _small_config(tmp_path, arms) -> QualityConfig:
-    return QualityConfig(out=str(tmp_path / "q"), regimes=[Regime(name="tiny", d=8, n_features=24, active_per_token=2)],
+    return QualityConfig(out=str(tmp_path / "q"), caches=str(tmp_path / "caches"), regimes=[Regime(name="tiny", d=8, n_features=24, active_per_token=2)],
                          synthetic_tokens=16384, budgets=[Budget(name="smoke", tokens=4096, batch_size=256, lr=3e-3,
                                                                   lr_warmup_steps=2)],
                          arms=arms, width=32, buffer_tokens=2048, heldout_fraction=0.1, eval_tokens=2048,
