@@ -9,6 +9,7 @@ frontier plot per cache and budget.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict
@@ -55,17 +56,18 @@ def _loader_batches(cache: dict, cfg: QualityConfig, batch_size: int):
     return source, batches()
 
 
-def _targets(cache: dict, budget, cfg: QualityConfig, run_dir: Path) -> list:
-    """Train every selected arm at `budget`; one EvalTarget per SAE."""
+def _targets(cache: dict, budget, cfg: QualityConfig, run_dir: Path, arms) -> list:
+    """Train `arms` at `budget`; one EvalTarget per SAE."""
     from evaluate.sources import EvalTarget
     from train.run_folder import load_sae
-    arms = [a for a in cfg.arms if not cfg.only_arms or a.name in cfg.only_arms]
     ours = [a for a in arms if a.trainer == "ours"]
     peers = [a for a in arms if a.trainer == "saelens"]
     heldout = {"fraction": cfg.heldout_fraction, "seed": 0}
     targets = []
     if ours:
-        done = train_ours(ours, cache["cache"], cache["layer"], cache["sublayer"], run_dir / "ours", budget, cfg)
+        sweep = run_dir / ("ours-" + hashlib.sha256(",".join(a.name for a in ours).encode()).hexdigest()[:8])
+        shutil.rmtree(sweep, ignore_errors=True)
+        done = train_ours(ours, cache["cache"], cache["layer"], cache["sublayer"], sweep, budget, cfg)
         for arm in ours:
             for level in arm.levels:
                 name = member_name(arm.name, level)
@@ -95,6 +97,28 @@ def _targets(cache: dict, budget, cfg: QualityConfig, run_dir: Path) -> list:
     return targets
 
 
+def _arm_identity(arm, budget, cache: dict, cfg: QualityConfig) -> dict:
+    """What an arm's results depend on: if all of it matches, earlier results are reused."""
+    return {"arm": asdict(arm), "budget": asdict(budget), "cache": {k: cache[k] for k in ("cache", "layer", "sublayer")},
+            "regime": cache.get("regime"),
+            "settings": {k: getattr(cfg, k) for k in ("width", "expansion", "buffer_tokens", "heldout_fraction",
+                                                      "eval_tokens", "delta_lm_sequences", "match_threshold",
+                                                      "seed", "device")}}
+
+
+def _arm_file(run_dir: Path, arm) -> Path:
+    return run_dir / "arms" / f"{arm.name}.json"
+
+
+def _cached_rows(run_dir: Path, arm, identity: dict):
+    path = _arm_file(run_dir, arm)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("identity") == json.loads(json.dumps(identity)):
+            return saved["rows"]
+    return None
+
+
 def _score(targets: list, cache: dict, cfg: QualityConfig) -> list[dict]:
     from evaluate.config import EvalConfig
     from evaluate.evaluation import evaluate_targets
@@ -110,7 +134,8 @@ def _score(targets: list, cache: dict, cfg: QualityConfig) -> list[dict]:
         freq = np.asarray(rec.firing_frequency)
         row = {"name": t.name, "arm": t.meta["label"], "trainer": t.meta["trainer"], "level": t.meta["level"],
                "l0": rec.l0, "fvu": rec.fvu, "dead_fraction": rec.dead_fraction, "alive": int((freq > 0).sum()),
-               "dense_fraction": rec.dense_fraction, "ms_per_step": t.meta["ms_per_step"]}
+               "dense_fraction": rec.dense_fraction, "ms_per_step": t.meta["ms_per_step"],
+               "folder": str(t.path) if t.meta["trainer"] == "ours" else None}
         if features is not None:
             got = feature_recovery(t.sae.W_dec, features, cfg.match_threshold)
             row["mmcs"], row["recovered"] = got["mean_max_cosine"], got["recovered_fraction"]
@@ -123,6 +148,9 @@ def _score(targets: list, cache: dict, cfg: QualityConfig) -> list[dict]:
 
 
 def run_quality(cfg: QualityConfig) -> dict:
+    """Train and score every arm of every cache and budget; an arm whose results for the same
+    identity (its settings, the budget, the cache, the scoring) are already in out/ is not retrained,
+    so an interrupted benchmark resumes and `only_arms` runs add to the same report."""
     from .report import write_report
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,12 +161,22 @@ def run_quality(cfg: QualityConfig) -> dict:
             if cfg.only_budgets and budget.name not in cfg.only_budgets:
                 continue
             run_dir = out / "runs" / cache["name"] / budget.name
-            shutil.rmtree(run_dir, ignore_errors=True)
-            print(f"[quality] {cache['name']} / {budget.name}: training", flush=True)
-            targets = _targets(cache, budget, cfg, run_dir)
-            rows = _score(targets, cache, cfg)
-            results["runs"].append({"cache": cache, "budget": asdict(budget), "rows": rows})
-            (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+            identities = {a.name: _arm_identity(a, budget, cache, cfg) for a in cfg.arms}
+            cached = {a.name: _cached_rows(run_dir, a, identities[a.name]) for a in cfg.arms}
+            todo = [a for a in cfg.arms if cached[a.name] is None and (not cfg.only_arms or a.name in cfg.only_arms)]
+            if todo:
+                print(f"[quality] {cache['name']} / {budget.name}: training {', '.join(a.name for a in todo)}", flush=True)
+                rows = _score(_targets(cache, budget, cfg, run_dir, todo), cache, cfg)
+                for arm in todo:
+                    cached[arm.name] = [r for r in rows if r["arm"] == arm.name]
+                    path = _arm_file(run_dir, arm)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps({"identity": identities[arm.name], "rows": cached[arm.name]},
+                                               indent=1) + "\n")
+            rows = [r for a in cfg.arms if cached[a.name] for r in cached[a.name]]
+            if rows:
+                results["runs"].append({"cache": cache, "budget": asdict(budget), "rows": rows})
+                (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     report = write_report(results, out)
     print(f"[quality] wrote {report} and {out / 'results.json'}")
     return results

@@ -46,19 +46,20 @@ def noise_at(run: Path, cache: dict, cfg: QualityConfig, lam: float, n_batches: 
     return noise_table(sae, _training_batches(cache, cfg, n_batches, scale), lam, sae.bandwidth)
 
 
-def trajectories_plot(run_dir: Path, arms: list[str], level: float, title: str, path: Path) -> Path:
+def trajectories_plot(rows: list[dict], arms: list[str], level: float, title: str, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for arm in arms:
-        metrics = run_dir / f"{arm}@{level:g}" / "metrics.jsonl"
+        folder = next((r["folder"] for r in rows if r["arm"] == arm and r["level"] == level and r.get("folder")), None)
+        metrics = Path(folder or "-") / "metrics.jsonl"
         if not metrics.is_file():
             continue
-        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-        steps = [r["step"] for r in rows]
-        axes[0].plot(steps, [r["threshold_median"] for r in rows], label=arm)
-        axes[1].plot(steps, [r["l0"] for r in rows], label=arm)
+        log = [json.loads(line) for line in metrics.read_text().splitlines()]
+        steps = [r["step"] for r in log]
+        axes[0].plot(steps, [r["threshold_median"] for r in log], label=arm)
+        axes[1].plot(steps, [r["l0"] for r in log], label=arm)
     axes[0].set_ylabel("median threshold (normalised units)")
     axes[1].set_ylabel("L0 (training batches)")
     axes[1].set_yscale("log")
@@ -98,7 +99,7 @@ def run_study(cfg: QualityConfig, docs: Path = DOCS, noise_batches: int = 400) -
     for run in results["runs"]:
         cache, rows = run["cache"], run["rows"]
         name = cache["name"]
-        run_dir = Path(cfg.out) / "runs" / name / run["budget"]["name"] / "ours"
+        final = Path(next(r["folder"] for r in rows if r["arm"] == "none" and r["level"] == level))
         lines += [f"## {name}", ""]
         # 1. noise at fixed parameters: early (10% of the budget) and final
         early_budget = replace(cfg.budgets[0], tokens=cfg.budgets[0].tokens / 10)
@@ -107,7 +108,7 @@ def run_study(cfg: QualityConfig, docs: Path = DOCS, noise_batches: int = 400) -
         early = train_ours([replace(none, levels=[level])], caches[name]["cache"], cache["layer"], cache["sublayer"],
                            early_dir, early_budget, cfg)
         for when, folder in (("early (10% of the budget)", next(iter(early["folders"].values()))),
-                             ("end of training", run_dir / f"none@{level:g}")):
+                             ("end of training", final)):
             table = noise_at(folder, cache, cfg, level, noise_batches)
             run.setdefault("noise", {})[when] = table
             lines += [f"**Noise of the threshold-gradient estimate at fixed parameters, {when}** "
@@ -116,7 +117,7 @@ def run_study(cfg: QualityConfig, docs: Path = DOCS, noise_batches: int = 400) -
         # 2. training
         plot = Path(cfg.out) / f"frontier_{name}_{run['budget']['name']}.png"
         shutil.copy(plot, docs / plot.name)
-        traj = trajectories_plot(run_dir, arms, level, name, docs / f"thresholds_{name}.png")
+        traj = trajectories_plot(rows, arms, level, name, docs / f"thresholds_{name}.png")
         comparisons = arm_comparisons(rows, arms)
         run["comparisons_against_none"] = comparisons
         lines += [f"![frontier]({plot.name})", "", f"![thresholds]({traj.name})", "",

@@ -116,3 +116,23 @@ def test_threshold_pool_study_end_to_end(tmp_path):
     # at fixed parameters a window of K batches has about 1/K of the batch-alone variance
     for bucket, none in table["none"].items():
         assert table["window 8"][bucket]["variance"] < 0.5 * none["variance"]
+
+
+def test_an_arm_done_before_is_not_trained_again(tmp_path, monkeypatch):
+    import quality.bench as bench
+    arms = [Arm(name="a", trainer="ours", preset="jumprelu", knob="sparsity_coeff", levels=[0.03]),
+            Arm(name="b", trainer="ours", preset="topk", knob="k", levels=[2])]
+    cfg = _small_config(tmp_path, arms)
+    cfg.only_arms = ["a"]
+    first = bench.run_quality(cfg)
+    assert {r["arm"] for r in first["runs"][0]["rows"]} == {"a"}
+    trained = []
+    real = bench._targets
+    monkeypatch.setattr(bench, "_targets", lambda c, b, q, d, todo: trained.append([a.name for a in todo]) or real(c, b, q, d, todo))
+    cfg.only_arms = []
+    both = bench.run_quality(cfg)
+    assert trained == [["b"]]                                   # a came from its results file
+    assert [r for r in both["runs"][0]["rows"] if r["arm"] == "a"] == first["runs"][0]["rows"]
+    cfg.arms[0].levels = [0.03, 0.1]                            # a changed: trained again
+    bench.run_quality(cfg)
+    assert trained[-1] == ["a"]
