@@ -62,7 +62,7 @@ class OptimConfig:
 class LoaderConfig:
     batch_size: int = 4096                # tokens per step
     buffer_tokens: float = 1048576        # shuffle buffer (tokens); host memory: two such windows (read-ahead)
-    num_readers: int = 4                  # chunk reader threads (at most one per usable core)
+    num_readers: int = 0                  # chunk reader threads; 0: one per usable core (at most 16)
     seed: int = 0                         # chunk order and shuffling; a new order each epoch
     heldout_fraction: float = 0.01        # of sequences, never served for training (evaluation's)
     heldout_seed: int = 0

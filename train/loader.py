@@ -8,42 +8,73 @@ apply as they read (each row is copied once, from the file to its place in servi
 next window is read in the background. So every servable row is served exactly once per epoch, and
 the loader's position is three integers (epoch, window, offset): a checkpoint stores those, and
 resuming re-reads one window.
+
+Threads: the caller's (serving: hands out slices, never computes or copies in bulk, except the one
+batch per window that spans two windows), one planner (the next windows' permutations and slots,
+ahead of time) and `num_readers` readers (file -> buffer, outside the GIL).
 """
 from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from .cache_reader import ActivationArray
 
-def _usable_cores() -> int:
+MAX_AUTO_READERS = 16
+
+
+def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:       # not Linux
         return os.cpu_count() or 1
 
 
-class BufferPool:
-    """Host buffers for windows, reused so that reads do not fault fresh pages in (pinned on CUDA)."""
+def reader_threads(requested: int) -> int:
+    """Reader threads for `num_readers=requested`: 0 or less means one per usable core (at most
+    MAX_AUTO_READERS); more than the cores only contend, so never more than those."""
+    cores = usable_cores()
+    wanted = min(cores, MAX_AUTO_READERS) if int(requested) <= 0 else int(requested)
+    return max(1, min(wanted, cores))
 
-    def __init__(self, shape, dtype, pinned: bool):
-        self.shape, self.dtype, self.pinned = shape, dtype, pinned
-        self.free = []           # (tensor, CUDA event after which it may be overwritten, or None)
+
+class BufferPool:
+    """Host buffers for windows, reused so that reads do not fault fresh pages in (pinned on CUDA).
+
+    A buffer handed back with a CUDA event (its upload) is reused once the event has passed."""
+
+    def __init__(self, shape, dtype, pinned: bool, limit: int):
+        self.shape, self.dtype, self.pinned, self.limit = shape, dtype, pinned, int(limit)
+        self.free = []           # (tensor, CUDA event after which it may be overwritten, or None), oldest first
+        self.count = 0           # buffers allocated
         self.lock = threading.Lock()
 
-    def acquire(self) -> torch.Tensor:
+    def _take(self, allocate: bool):
         with self.lock:
-            item = self.free.pop() if self.free else None
-        if item is None:        # pinned from the start: no pageable copy of a multi-GB window
+            if self.free:
+                buf, done = self.free.pop(0)
+            elif allocate or self.count < self.limit:
+                self.count += 1
+                buf, done = None, None
+            else:
+                return None
+        if buf is None:          # pinned from the start: no pageable copy of a multi-GB window
             return torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pinned)
-        buf, done = item
-        if done is not None:
+        if done is not None:     # the oldest upload: long finished by the time a read-ahead asks
             done.synchronize()
         return buf
+
+    def acquire(self) -> torch.Tensor:
+        """A buffer, allocated beyond the limit if none is free (a batch spanning many windows)."""
+        return self._take(allocate=True)
+
+    def try_acquire(self) -> torch.Tensor | None:
+        """A buffer for reading ahead, or None when `limit` of them are in use."""
+        return self._take(allocate=False)
 
     def release(self, buf: torch.Tensor, done=None) -> None:
         with self.lock:
@@ -55,16 +86,16 @@ class Window:
 
     `slots` gives each row of the window's chunks its buffer row (-1: not served), so a batch is a
     contiguous slice (no gather pass over the bytes). On CUDA the whole window is copied to the
-    device once (asynchronously, on a side stream) and batches are slices of that copy."""
+    device once (asynchronously, on a side stream), its host buffer is handed back as soon as that
+    copy is done, and batches are slices of the device copy."""
 
-    def __init__(self, source: ActivationArray, chunk_ids: np.ndarray, slots: np.ndarray,
-                 pool: ThreadPoolExecutor, buffers: BufferPool):
+    def __init__(self, source: ActivationArray, chunk_ids: np.ndarray, slots: np.ndarray, size: int,
+                 pool: ThreadPoolExecutor, buffers: BufferPool, buffer: torch.Tensor):
         rows = source.chunk_rows
-        self.buffers, self.full = buffers, buffers.acquire()
-        self.size = int((slots >= 0).sum())
+        self.buffers, self.full, self.size = buffers, buffer, int(size)
         self.tensor = self.full[:self.size].view(source.torch_dtype)     # views of one memory: no copies
-        raw = self.full.numpy().view(source.numpy_dtype)
-        self.futures = [pool.submit(source.read_chunk_into, int(c), raw, slots[j * rows:(j + 1) * rows])
+        self.raw = self.full.numpy().view(source.numpy_dtype)
+        self.futures = [pool.submit(source.read_chunk_into, int(c), self.raw, slots[j * rows:(j + 1) * rows])
                         for j, c in enumerate(chunk_ids)]
         self.device_tensor = self.uploaded = None
 
@@ -77,7 +108,9 @@ class Window:
         self.futures = []
 
     def upload(self, device: torch.device, stream) -> None:
-        """Start the asynchronous copy of the window to `device`; once per window."""
+        """Start the asynchronous copy of the window to `device`; once per window. The host buffer
+        goes back to the pool with the copy's event, so the next read can start before this window
+        is served."""
         if self.uploaded is not None:
             return
         self.wait()
@@ -89,25 +122,31 @@ class Window:
             self.uploaded = torch.cuda.Event()
             self.uploaded.record(stream)
         self.device_tensor.record_stream(stream)
+        self.buffers.release(self.full, self.uploaded)
+        self.full = self.tensor = self.raw = None
 
     def rows(self, lo: int, hi: int, device_type: str) -> torch.Tensor:
         """Served rows lo:hi, a view of the window (on the device once uploaded, on CUDA)."""
         return (self.device_tensor if device_type == "cuda" else self.tensor)[lo:hi]
 
     def release(self) -> None:
-        """Hand the host buffer back for reuse (after the device copy, if any, is done)."""
+        """Hand the host buffer back for reuse (unless the upload already did) and drop the device copy."""
         self.wait()
-        self.buffers.release(self.full, self.uploaded)
+        if self.full is not None:
+            self.buffers.release(self.full, None)
+            self.full = self.tensor = self.raw = None
+        self.device_tensor = None
 
 
 class ChunkLoader:
     """Batches of `batch_size` rows of `source` (stored dtype, on `device`), forever, epoch after epoch.
 
     chunks: the chunk indices it may read (complete ones); heldout: sorted held-out sequence indices.
+    num_readers: reader threads (0: one per usable core).
     """
 
     def __init__(self, source: ActivationArray, chunks, heldout, batch_size: int, buffer_tokens: int,
-                 seed: int, num_readers: int = 4, device="cpu"):
+                 seed: int, num_readers: int = 0, device="cpu"):
         self.source, self.batch_size, self.seed = source, int(batch_size), int(seed)
         self.device = torch.device(device)
         rows, ctx = source.chunk_rows, source.context_length
@@ -124,13 +163,13 @@ class ChunkLoader:
         self.chunks_per_window = max(1, min(len(self.chunks), int(buffer_tokens) // rows))
         self.windows_per_epoch = -(-len(self.chunks) // self.chunks_per_window)
         self.position = (0, 0, 0)       # (epoch, window, offset) of the next batch to hand out
-        # Readers copy memory: more of them than cores only contend (2 readers beat 4 on 2 cores)
-        self.num_readers = max(1, min(int(num_readers), _usable_cores()))
+        self.num_readers = reader_threads(num_readers)
         self._pool = ThreadPoolExecutor(self.num_readers, thread_name_prefix="chunk-reader")
+        self._planner = ThreadPoolExecutor(1, thread_name_prefix="window-planner")
+        self._plan = None           # the generator of batch plans, once serving has started
         host_dtype = torch.int16 if source.storage_dtype == "bfloat16" else torch.float32
         self._buffers = BufferPool((self.chunks_per_window * rows, source.width), host_dtype,
-                                   pinned=self.device.type == "cuda")
-        self._plan = None           # the generator of batch plans, once serving has started
+                                   pinned=self.device.type == "cuda", limit=2)
 
     # -- the deterministic plan --------------------------------------------------------------------
     def chunk_order(self, epoch: int) -> np.ndarray:
@@ -141,20 +180,24 @@ class ChunkLoader:
         return self.chunk_order(epoch)[window * n:(window + 1) * n]
 
     def servable_rows(self, chunk_ids: np.ndarray) -> np.ndarray:
-        """Buffer row indices of a window that may be served: not BOS (position 0), not held out."""
+        """Buffer row indices of a window that may be served (ascending): not BOS (position 0), not held out."""
         rows, ctx = self.source.chunk_rows, self.source.context_length
-        local = np.arange(rows)
-        keep = []
-        for j, c in enumerate(chunk_ids):
-            ok = (local % ctx != 0) & ~self.heldout[(int(c) * rows + local) // ctx]
-            keep.append(j * rows + local[ok])
-        return np.concatenate(keep)
+        per_chunk = rows // ctx
+        sequences = np.asarray(chunk_ids, dtype=np.int64)[:, None] * per_chunk + np.arange(per_chunk)
+        keep = ~self.heldout[sequences][:, :, None] & (np.arange(ctx) != 0)      # [chunk, sequence, position]
+        return np.flatnonzero(keep.ravel())
+
+    def _shuffle_order(self, epoch: int, window: int, n: int) -> np.ndarray:
+        """rng.permutation(servable) == servable[rng.permutation(len(servable))]: Generator.shuffle
+        makes the same swaps whatever the values, so the positions are shuffled (int32, less memory)."""
+        order = np.arange(n, dtype=np.int32)
+        np.random.default_rng([self.seed, epoch, window, 1]).shuffle(order)
+        return order
 
     def window_permutation(self, epoch: int, window: int, chunk_ids: np.ndarray) -> np.ndarray:
-        return self._permute(epoch, window, self.servable_rows(chunk_ids))
-
-    def _permute(self, epoch: int, window: int, servable: np.ndarray) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, window, 1]).permutation(servable)
+        """The window's rows in serving order: a uniform permutation of its servable rows."""
+        servable = self.servable_rows(chunk_ids)
+        return servable[self._shuffle_order(epoch, window, len(servable))]
 
     def window_phase(self, epoch: int, window: int) -> int:
         """Rows served before the window, modulo batch_size: where the stream of batches cuts it."""
@@ -168,21 +211,36 @@ class ChunkLoader:
         each batch (a uniformly drawn set). Inside a batch, rows keep their order in the files: a
         reader then writes a chunk into a few sequential runs instead of rows scattered over the
         whole window, which is measurably faster. Do not sub-slice a batch expecting a random subset."""
-        rows = self.servable_rows(chunk_ids)          # ascending
-        order = self._permute(epoch, window, rows)
-        served_at = np.empty(len(chunk_ids) * self.source.chunk_rows, dtype=np.int64)
-        served_at[order] = np.arange(len(order))
+        servable = self.servable_rows(chunk_ids)          # ascending
+        n = len(servable)
+        order = self._shuffle_order(epoch, window, n)    # serving position k holds servable[order[k]]
         phase = self.window_phase(epoch, window)
-        batch = (phase + served_at[rows]) // self.batch_size
-        if (phase + len(order) - 1) // self.batch_size < 2**15:      # the largest batch index
-            batch = batch.astype(np.int16)      # numpy's stable sort of int16 is a radix sort: 4x faster
-        slots = np.full(len(served_at), -1, dtype=np.int64)
-        slots[rows[np.argsort(batch, kind="stable")]] = np.arange(len(order))
+        batch_dtype = np.int16 if (phase + n - 1) // self.batch_size < 2**15 else np.int64
+        batch = np.empty(n, dtype=batch_dtype)           # the batch of each servable row
+        batch[order] = (phase + np.arange(n)) // self.batch_size
+        # stable: file order inside a batch; numpy's stable sort of int16 is a radix sort (4x faster)
+        by_batch = np.argsort(batch, kind="stable")
+        window_rows = len(chunk_ids) * self.source.chunk_rows
+        index = np.int32 if window_rows < 2**31 else np.int64
+        slot_of_servable = np.empty(n, dtype=index)       # two passes, each over a small array: 3x faster
+        slot_of_servable[by_batch] = np.arange(n, dtype=index)
+        slots = np.full(window_rows, -1, dtype=index)
+        slots[servable] = slot_of_servable
         return slots
 
+    def _window_plan(self, key) -> tuple[np.ndarray, np.ndarray, int]:
+        ids = self.window_chunks(*key)
+        slots = self.window_slots(*key, ids)
+        return ids, slots, int(self.servable_per_chunk[ids].sum())
+
+    def _ordinal(self, key) -> int:
+        return key[0] * self.windows_per_epoch + key[1]
+
+    def _key(self, ordinal: int) -> tuple[int, int]:
+        return divmod(ordinal, self.windows_per_epoch)
+
     def _advance(self, epoch, window):
-        window += 1
-        return (epoch + 1, 0) if window == self.windows_per_epoch else (epoch, window)
+        return self._key(self._ordinal((epoch, window)) + 1)
 
     def _plans(self):
         """Yield (parts, position after): parts = [(epoch, window, lo, hi)]: served rows lo:hi of each
@@ -198,24 +256,64 @@ class ChunkLoader:
                     epoch, w, off = *self._advance(epoch, w), 0
             yield parts, (epoch, w, off)
 
+    def _planned(self, key) -> Future:
+        """The plan of window `key`, computed on the planner thread (started now if it was not)."""
+        if key not in self._plan_futures:
+            self._plan_futures[key] = self._planner.submit(self._window_plan, key)
+        return self._plan_futures[key]
+
+    def _create(self, key, buffer: torch.Tensor) -> Window:
+        future = self._plan_futures.pop(key, None)
+        ids, slots, size = future.result() if future is not None else self._window_plan(key)
+        self._windows[key] = Window(self.source, ids, slots, size, self._pool, self._buffers, buffer)
+        self._planned(self._advance(*key))       # the next window's plan, while this one is read
+        return self._windows[key]
+
     def _window(self, epoch: int, window: int) -> Window:
         """The window, its chunks' reads started when it is first asked for."""
-        if (epoch, window) not in self._windows:
-            ids = self.window_chunks(epoch, window)
-            self._windows[(epoch, window)] = Window(self.source, ids, self.window_slots(epoch, window, ids),
-                                                    self._pool, self._buffers)
-        return self._windows[(epoch, window)]
+        key = (epoch, window)
+        return self._windows[key] if key in self._windows else self._create(key, self._buffers.acquire())
+
+    def _read_ahead(self) -> None:
+        """Start reading the next windows (one on CPU, two on CUDA, where host buffers are handed back
+        after their upload), as free buffers allow; on CUDA, start uploading the current and next
+        window as soon as they are read. Never waits."""
+        current = self._ordinal(self.position[:2])
+        newest = self._ordinal(next(reversed(self._windows))) if self._windows else current - 1
+        while newest < current + self._ahead:
+            buffer = self._buffers.try_acquire()
+            if buffer is None:
+                break
+            newest += 1
+            self._create(self._key(newest), buffer)
+        if self.device.type == "cuda":
+            for win in list(self._windows.values())[:2]:       # at most two windows on the device
+                if win.uploaded is None and win.reads_done():
+                    win.upload(self.device, self._stream)
 
     def _release(self, key) -> None:
-        """Window `key` is served: its buffer takes the read-ahead (two window buffers in all)."""
+        """Window `key` is served: its buffer takes the read-ahead."""
         self._windows.pop(key).release()
-        epoch, w, _ = self.position
-        self._window(*self._advance(epoch, w))
+        self._read_ahead()
+
+    def _start(self) -> None:
+        cuda = self.device.type == "cuda"
+        self._windows, self._served, self._plan_futures = {}, None, {}
+        self._ahead = 2 if cuda else 1
+        self._buffers.limit = self._ahead + 1
+        self._stream = torch.cuda.Stream(self.device) if cuda else None
+        if not cuda:
+            self._spare = torch.empty((self.batch_size, self.source.width), dtype=self._buffers.dtype)
+            self._spare_raw = self._spare.numpy().view(self.source.numpy_dtype)
+        self._plan = self._plans()
+        self._window(*self.position[:2])
+        self._read_ahead()
 
     # -- serving batches -------------------------------------------------------------------------
     # The reader threads put each window's rows in serving order, so a batch inside one window is a
-    # slice of it. A batch that spans two windows (once per window) is copied together, and the
-    # older window is released as soon as its rows are copied, so the read-ahead never waits on the
+    # slice of it. A batch that spans two windows (once per window) is copied together (numpy: a
+    # torch copy would wake OpenMP threads that then spin on the readers' cores), and the older
+    # window is released as soon as its rows are copied, so the read-ahead never waits on the
     # newer one. On CUDA each window is copied to the device once (pinned buffer, side stream,
     # asynchronous) and sliced there: the host only reads files.
     def next_batch(self) -> torch.Tensor:
@@ -225,13 +323,7 @@ class ChunkLoader:
         to keep it longer)."""
         cuda = self.device.type == "cuda"
         if self._plan is None:
-            self._windows, self._served = {}, None
-            self._stream = torch.cuda.Stream(self.device) if cuda else None
-            self._spare = None if cuda else torch.empty((self.batch_size, self.source.width),
-                                                        dtype=self.source.torch_dtype)
-            self._plan = self._plans()
-            self._window(*self.position[:2])
-            self._window(*self._advance(*self.position[:2]))      # read ahead
+            self._start()
         if self._served is not None:          # the last batch was a view of a finished window
             self._release(self._served)
             self._served = None
@@ -241,27 +333,29 @@ class ChunkLoader:
         for epoch, w, lo, hi in parts:
             win = self._windows[(epoch, w)]
             if cuda:
+                first_use = win.uploaded is None or lo == 0
                 win.upload(self.device, self._stream)
+                if first_use:                 # a wait here is the loader falling behind: let the host see it
+                    win.uploaded.synchronize()
                 torch.cuda.current_stream(self.device).wait_event(win.uploaded)
+                rows = win.rows(lo, hi, "cuda")
             else:
                 win.wait()
-            rows = win.rows(lo, hi, self.device.type)
+                rows = win.rows(lo, hi, "cpu")
             if len(parts) == 1 or cuda:
                 pieces.append(rows)
             else:
-                pieces.append(self._spare[start:start + hi - lo].copy_(rows))
+                np.copyto(self._spare_raw[start:start + hi - lo], win.raw[lo:hi])
                 start += hi - lo
             if hi == win.size:
                 if len(parts) == 1:
                     self._served = (epoch, w)
                 else:
                     self._release((epoch, w))
-        batch = pieces[0] if len(pieces) == 1 else torch.cat(pieces) if cuda else self._spare
-        if cuda:
-            for win in list(self._windows.values()):     # start copying read-ahead windows as soon as read
-                if win.uploaded is None and win.reads_done():
-                    win.upload(self.device, self._stream)
-        return batch
+        self._read_ahead()
+        if len(pieces) == 1:
+            return pieces[0]
+        return torch.cat(pieces) if cuda else self._spare.view(self.source.torch_dtype)
 
     def __iter__(self):
         while True:
@@ -289,14 +383,18 @@ class ChunkLoader:
         if self._plan is not None:
             self._plan.close()
             self._plan = None
+        for future in getattr(self, "_plan_futures", {}).values():
+            future.cancel()
+        self._plan_futures = {}
         if getattr(self, "_windows", None):
             for win in self._windows.values():
-                win.wait()
+                win.release()
             self._windows = {}
 
     def __del__(self):
         try:
             self.close()
             self._pool.shutdown(wait=False, cancel_futures=True)
+            self._planner.shutdown(wait=False, cancel_futures=True)
         except Exception:
             pass

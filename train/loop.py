@@ -141,6 +141,7 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
 
     last_good = start if ckpt else None
     interval_start, interval_time, metrics = start, time.perf_counter(), {}
+    data_wait = 0.0          # seconds of this log interval spent in loader.next_batch (waiting for data)
 
     def check_finite(upto):
         for m in members:
@@ -157,7 +158,10 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
     try:
         step = start
         while step < total_steps:
-            x = loader.next_batch().to(torch.float32).div_(scale)   # (float32 storage: the loader slot, in place; fine: it is ours until the next call)
+            asked = time.perf_counter()
+            x = loader.next_batch()
+            data_wait += time.perf_counter() - asked
+            x = x.to(torch.float32).div_(scale)   # (float32 storage: the loader slot, in place; fine: it is ours until the next call)
             variance = (x - x.mean(0)).pow(2).sum(-1).mean()
             track = step % t.latent_stats_every == 0
             for m in members:
@@ -168,13 +172,14 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
                 check_finite(step)
                 elapsed = time.perf_counter() - interval_time
                 tokens_per_s = (step - interval_start) * batch / max(elapsed, 1e-9)
+                data_wait_fraction = min(1.0, data_wait / max(elapsed, 1e-9))
                 for m in members:
                     metrics[m.name] = {**m.pop_metrics(), "tokens": step * batch, "epoch": loader.epoch,
-                                       "tokens_per_s": tokens_per_s}
+                                       "tokens_per_s": tokens_per_s, "data_wait_fraction": data_wait_fraction}
                     m.log.write(step, metrics[m.name])
                 first = metrics[members[0].name]
                 bar.set_postfix(loss=f"{first['loss']:.4g}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}")
-                interval_start, interval_time = step, time.perf_counter()
+                interval_start, interval_time, data_wait = step, time.perf_counter(), 0.0
             save_now = t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0
             stop_now = t.max_steps_this_run and step - start >= t.max_steps_this_run
             if step < total_steps and (save_now or stop_now):
