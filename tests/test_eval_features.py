@@ -240,6 +240,9 @@ def test_sweep_folders_foreign_out_folders_and_unknown_sites_are_clear_errors(tm
     assert [p.name for p in other.iterdir()] == ["mine.txt"]
     with pytest.raises(RunError, match="trained on layer=0 but layer=3"):
         _features(run, layer=3)
+    with pytest.raises(FeaturesError, match=r"top_contexts=0 must be >= 1; quantiles=\[0.5, 0.2\] must be"):
+        _features(run, top_contexts=0, quantiles=[0.5, 0.2])
+    assert not (run / "features").exists()
     done = subprocess.run([sys.executable, "-m", "evaluate.browser", f"run={run}", "top_context=3"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "top_context" in done.stderr + done.stdout

@@ -32,6 +32,23 @@ class FeaturesError(EvalInputError):
     pass
 
 
+def check_settings(cfg) -> None:
+    """Settings that cannot work are refused before any work."""
+    q = list(cfg.quantiles)
+    problems = [f"{name}={getattr(cfg, name)} must be >= {low}" for name, low in
+                (("top_contexts", 1), ("sample_size", 1), ("samples_per_band", 1), ("shard_latents", 1),
+                 ("batch_sequences", 1), ("encode_tokens", 1), ("logit_tokens", 1), ("context_before", 0),
+                 ("context_after", 0)) if getattr(cfg, name) < low]
+    if cfg.max_tokens is not None and cfg.max_tokens < 1:
+        problems.append(f"max_tokens={cfg.max_tokens} must be >= 1 (or null: every held-out token)")
+    if len(q) < 2 or q != sorted(q) or q[0] < 0 or q[-1] > 1:
+        problems.append(f"quantiles={q} must be at least two rising values in [0, 1]")
+    if cfg.histogram_bins < 2 or cfg.histogram_bins & (cfg.histogram_bins - 1):
+        problems.append(f"histogram_bins={cfg.histogram_bins} must be a power of two")
+    if problems:
+        raise FeaturesError("; ".join(problems))
+
+
 def resolve_target(cfg) -> EvalTarget:
     """The one SAE cfg.run names (a sweep folder is refused, naming its members)."""
     settings = SimpleNamespace(run=cfg.run, layer=cfg.layer, sublayer=cfg.sublayer, cache=cfg.cache,
@@ -140,6 +157,7 @@ def build_browser(cfg) -> Path:
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(cfg.device)
     started = time.time()
+    check_settings(cfg)
     target = resolve_target(cfg)
     out = default_out(cfg)
     _check_out(out)

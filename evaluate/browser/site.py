@@ -8,7 +8,8 @@
 
 Data files are scripts, not JSON, because browsers refuse fetch() on file:// pages. A latent in a shard:
     {"i": id, "scale": max activation, "top": [context...], "bands": [band...],
-     "hist": [upper end of range, [counts of equal bins from 0]], "up": [[ids], [values]], "down": ...}
+     "hist": [upper end of the range, [counts of its equal bins from 0, empty top bins cut], bins],
+     "up": [[token ids], [logit-lens values]], "down": ...}
     context: {"a": activation at "p", "s": sequence index in the cache, "p": position, "o": position
               of the first token shown, "t": [token ids], "v": [activations as thousandths of scale]}
     band:    {"q": [lower, upper quantile], "lo": activation, "hi": activation, "x": [context...]}
