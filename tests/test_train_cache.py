@@ -108,6 +108,37 @@ def test_scatter_read_puts_every_row_where_its_slot_says(tmp_path, pattern):
     np.testing.assert_array_equal(out, want)
 
 
+def test_window_scatter_plans_match_per_file_reads(tmp_path):
+    """A window's plans made at once (the loader's planner thread, one numpy pass over all files) put
+    each file's rows where per-file scatter_read would, into one shared buffer; a plan refuses a
+    buffer of another row size or too few rows."""
+    from train import scatter_read as sr
+    if not sr.available():
+        pytest.skip("no preadv in this libc")
+    rng = np.random.default_rng(1)
+    files, rows, width = 4, 500, 6
+    data = rng.integers(0, 2 ** 16, size=(files, rows, width), dtype=np.uint16)
+    slots = rng.permutation(files * rows + 20)[:files * rows].reshape(files, rows)
+    slots[:, 0] = -1                                     # BOS rows
+    slots[2, 100:300] = -1                               # a held-out stretch (a hole)
+    plans = sr.plan_scatter(slots, width * 2)
+    out = np.full((files * rows + 20, width), 7, dtype=np.uint16)
+    want = out.copy()
+    for f in range(files):
+        path = tmp_path / f"{f}.bin"
+        path.write_bytes(data[f].tobytes())
+        with open(path, "rb", buffering=0) as fh:
+            assert sr.run_scatter(fh.fileno(), plans[f], out)
+        keep = slots[f] >= 0
+        want[slots[f][keep]] = data[f][keep]
+    np.testing.assert_array_equal(out, want)
+    with open(tmp_path / "0.bin", "rb", buffering=0) as fh:
+        with pytest.raises(ValueError):
+            sr.run_scatter(fh.fileno(), plans[0], np.zeros((files * rows + 20, width + 1), np.uint16))
+        with pytest.raises(IndexError):
+            sr.run_scatter(fh.fileno(), plans[0], np.zeros((10, width), np.uint16))
+
+
 def test_scatter_read_reports_a_short_file(tmp_path):
     from train import scatter_read as sr
     if not sr.available():

@@ -15,7 +15,7 @@ import torch
 import zarr
 
 from . import object_store
-from .scatter_read import scatter_read
+from .scatter_read import ScatterPlan, run_scatter, scatter_read
 
 FORMAT_VERSION = 1
 SUBLAYERS = ("resid_pre", "attn_z", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -168,9 +168,11 @@ class ActivationArray:
                           f"is {what}: the cache is damaged. `python -m harvest.verify {self.cache_path} --repair` "
                           "finds every damaged chunk and unflags it; the same harvest command then rewrites them.")
 
-    def read_chunk_into(self, c: int, out: np.ndarray, slots: np.ndarray | None = None) -> None:
+    def read_chunk_into(self, c: int, out: np.ndarray, slots: np.ndarray | None = None,
+                        plan: ScatterPlan | None = None) -> None:
         """Chunk c into `out` (a C-contiguous [rows, width] buffer of the stored dtype): chunk row i to
         out[slots[i]], skipped where slots[i] < 0; slots=None: the whole chunk into out[:chunk_rows].
+        `plan`: the same slots' ScatterPlan, made ahead (bare chunk files only).
 
         Bare chunk files are copied once, from the page cache straight to their destination rows
         (`scatter_read`); compressed ones are decoded by zarr and then scattered."""
@@ -179,7 +181,7 @@ class ActivationArray:
         path = self.raw_chunk_path(c)
         if path is not None:
             with open(path, "rb", buffering=0) as f:
-                if scatter_read(f.fileno(), slots, out):
+                if run_scatter(f.fileno(), plan, out) if plan is not None else scatter_read(f.fileno(), slots, out):
                     return
         elif (local := self.chunk_path(c)) is not None and not local.exists():
             raise self._damaged(c, local, "missing")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .cache_reader import ActivationArray
+from .scatter_read import plan_scatter
 
 MAX_AUTO_READERS = 16
 
@@ -114,6 +115,14 @@ class BufferPool:
             self.free.append((buf, done))
 
 
+class WindowPlan:
+    """What the planner thread works out for a window before its reads: its chunks, the buffer row of
+    each of their rows (`slots`), the rows it serves, and for bare chunk files the reads themselves."""
+
+    def __init__(self, chunk_ids: np.ndarray, slots: np.ndarray, size: int, scatter: list | None):
+        self.chunk_ids, self.slots, self.size, self.scatter = chunk_ids, slots, int(size), scatter
+
+
 class Window:
     """Chunks of one window, read by the reader pool straight into serving order in one buffer.
 
@@ -122,14 +131,15 @@ class Window:
     device once (asynchronously, on a side stream), its host buffer is handed back as soon as that
     copy is done, and batches are slices of the device copy."""
 
-    def __init__(self, source: ActivationArray, chunk_ids: np.ndarray, slots: np.ndarray, size: int,
-                 pool: ThreadPoolExecutor, buffers: BufferPool, buffer: torch.Tensor):
+    def __init__(self, source: ActivationArray, plan: WindowPlan, pool: ThreadPoolExecutor, buffers: BufferPool,
+                 buffer: torch.Tensor):
         rows = source.chunk_rows
-        self.buffers, self.full, self.size = buffers, buffer, int(size)
+        self.buffers, self.full, self.size = buffers, buffer, plan.size
         self.tensor = self.full[:self.size].view(source.torch_dtype)     # views of one memory: no copies
         self.raw = self.full.numpy().view(source.numpy_dtype)
-        self.futures = [pool.submit(source.read_chunk_into, int(c), self.raw, slots[j * rows:(j + 1) * rows])
-                        for j, c in enumerate(chunk_ids)]
+        self.futures = [pool.submit(source.read_chunk_into, int(c), self.raw, plan.slots[j * rows:(j + 1) * rows],
+                                    plan.scatter[j] if plan.scatter else None)
+                        for j, c in enumerate(plan.chunk_ids)]
         self.device_tensor = self.uploaded = None
 
     def reads_done(self) -> bool:
@@ -261,10 +271,14 @@ class ChunkLoader:
         slots[servable] = slot_of_servable
         return slots
 
-    def _window_plan(self, key) -> tuple[np.ndarray, np.ndarray, int]:
+    def _window_plan(self, key) -> WindowPlan:
         ids = self.window_chunks(*key)
         slots = self.window_slots(*key, ids)
-        return ids, slots, int(self.servable_per_chunk[ids].sum())
+        scatter = None
+        if self.source.raw_layout:
+            row_bytes = self.source.width * np.dtype(self.source.numpy_dtype).itemsize
+            scatter = plan_scatter(slots.reshape(len(ids), self.source.chunk_rows), row_bytes)
+        return WindowPlan(ids, slots, int(self.servable_per_chunk[ids].sum()), scatter)
 
     def _ordinal(self, key) -> int:
         return key[0] * self.windows_per_epoch + key[1]
@@ -297,8 +311,8 @@ class ChunkLoader:
 
     def _create(self, key, buffer: torch.Tensor) -> Window:
         future = self._plan_futures.pop(key, None)
-        ids, slots, size = future.result() if future is not None else self._window_plan(key)
-        self._windows[key] = Window(self.source, ids, slots, size, self._pool, self._buffers, buffer)
+        plan = future.result() if future is not None else self._window_plan(key)
+        self._windows[key] = Window(self.source, plan, self._pool, self._buffers, buffer)
         self._planned(self._advance(*key))       # the next window's plan, while this one is read
         return self._windows[key]
 
