@@ -23,6 +23,8 @@ from .ours_arm import member_name, train_ours
 from .saelens_arm import available as saelens_available, train_saelens
 from .synthetic import LAYER, SUBLAYER, true_features, write_synthetic_cache
 
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
 
 def _caches(cfg: QualityConfig) -> list[dict]:
     out = []
@@ -98,8 +100,11 @@ def _targets(cache: dict, budget, cfg: QualityConfig, run_dir: Path, arms) -> li
 
 
 def _arm_identity(arm, budget, cache: dict, cfg: QualityConfig) -> dict:
-    """What an arm's results depend on: if all of it matches, earlier results are reused."""
-    return {"arm": asdict(arm), "budget": asdict(budget), "cache": {k: cache[k] for k in ("cache", "layer", "sublayer")},
+    """What an arm's results depend on (for our arms, the preset's text too: a preset edited in place
+    retrains): if all of it matches, earlier results are reused."""
+    preset = {"preset": (CONF / "sae" / f"{arm.preset}.yaml").read_text()} if arm.trainer == "ours" else {}
+    return {"arm": asdict(arm), **preset, "budget": asdict(budget),
+            "cache": {k: cache[k] for k in ("cache", "layer", "sublayer")},
             "regime": cache.get("regime"),
             "settings": {k: getattr(cfg, k) for k in ("width", "expansion", "buffer_tokens", "heldout_fraction",
                                                       "eval_tokens", "delta_lm_sequences", "match_threshold",
