@@ -12,13 +12,9 @@ from omegaconf import MISSING
 
 
 @dataclass
-class EvalConfig:
-    # A run folder, a sweep folder (one run folder per member), or a Gemma Scope params.npz.
-    run: str = MISSING
-    # More SAEs to put beside `run` in one report (table and plots), e.g. released Gemma Scope
-    # params.npz files: evaluated on run's cache, site and held-out sequences unless they record theirs.
-    compare: List[str] = field(default_factory=list)
-    # The cache to evaluate on; default: the one recorded in the SAE's sae.json (required for params.npz).
+class SAESite:
+    """Where an SAE is read from the cache: shared by `make eval` and `make features`."""
+    # The cache; default: the one recorded in the SAE's sae.json (required for params.npz).
     cache: Optional[str] = None
     # The site, for a params.npz (a run folder records its own; given here, they must agree).
     layer: Optional[int] = None
@@ -28,9 +24,18 @@ class EvalConfig:
     # use the rule recorded in their sae.json (anything else would evaluate on training data).
     heldout_fraction: Optional[float] = None
     heldout_seed: Optional[int] = None
+    device: str = "auto"                 # auto: cuda when available, else cpu
+
+
+@dataclass
+class EvalConfig(SAESite):
+    # A run folder, a sweep folder (one run folder per member), or a Gemma Scope params.npz.
+    run: str = MISSING
+    # More SAEs to put beside `run` in one report (table and plots), e.g. released Gemma Scope
+    # params.npz files: evaluated on run's cache, site and held-out sequences unless they record theirs.
+    compare: List[str] = field(default_factory=list)
     # Report folder; default: <run>/eval (for a params.npz: <its folder>/eval_<file stem>).
     out: Optional[str] = None
-    device: str = "auto"                 # auto: cuda when available, else cpu
     # Held-out tokens used for the reconstruction metrics (null: all of them). Held-out sequences are
     # scattered, so each costs about one chunk read: 256k tokens of Gemma 2 2B read ~10 GB.
     max_tokens: Optional[int] = 262_144

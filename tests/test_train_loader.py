@@ -115,28 +115,8 @@ def test_cuda_path_logic_with_stubbed_cuda(indexed_cache, monkeypatch):
     """The CUDA path (windows uploaded once, batches gathered on the device) serves the same rows per
     batch as the CPU path. No GPU here: streams, events and pinning are stubbed, the 'device' is the CPU.
     This checks the bookkeeping, not the CUDA semantics."""
-    import contextlib
-
-    class Event:
-        def record(self, stream=None): pass
-        def synchronize(self): pass
-
-    class Stream:
-        def __init__(self, device=None): pass
-        def wait_stream(self, other): pass
-        def wait_event(self, event): pass
-
-    class FakeCuda:
-        type = "cuda"
-
-    real_empty = torch.empty
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    stub_cuda(monkeypatch)
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
-    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: None)
-    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **k: real_empty(*a, **k))
     for batch, buffer in ((20, 3 * ROWS), (100, ROWS)):
         cuda, held = make_loader(indexed_cache, batch=batch, buffer=buffer)
         cuda.device = FakeCuda()

@@ -7,22 +7,17 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from ..config import SAESite
+
 
 @dataclass
-class FeaturesConfig:
+class FeaturesConfig(SAESite):
+    """The cache, site, held-out rule and device: as for `make eval` (evaluate/config.py)."""
     # A run folder (or one member of a sweep), a Gemma Scope params.npz, or a SAELens folder.
     run: str = MISSING
-    # As for `make eval`: the cache (default: the one the SAE records), the site of an SAE that records
-    # none, and the held-out rule of a released SAE (run folders always use the one they record).
-    cache: Optional[str] = None
-    layer: Optional[int] = None
-    sublayer: Optional[str] = None
-    heldout_fraction: Optional[float] = None
-    heldout_seed: Optional[int] = None
     # The browser's folder; default: <run>/features (for a params.npz: <its folder>/features). A
     # previous browser there is replaced once the new one is complete; any other non-empty folder is refused.
     out: Optional[str] = None
-    device: str = "auto"                 # auto: cuda when available, else cpu
     # Held-out tokens scanned in the one pass (null: all of them).
     max_tokens: Optional[int] = 1_048_576
     batch_sequences: int = 8             # held-out sequences read at a time
