@@ -155,6 +155,40 @@ def test_step_keeps_decoder_unit_norm_and_uses_adam_betas():
     assert not torch.equal(m.sae.W_dec, W_before)
 
 
+def _member(sae_cfg: SAEConfig, lr: float = 1e-2) -> Member:
+    cfg = OmegaConf.create({"sae": OmegaConf.structured(sae_cfg),
+                            "optim": OmegaConf.structured(OptimConfig(lr=lr, lr_warmup_steps=0, lambda_warmup_steps=0)),
+                            "train": {"seed": 0, "dead_window_tokens": 1000, "dense_fraction": 0.1}})
+    return Member("m", "/tmp/unused", cfg, 8, 100, "cpu", "reference")
+
+
+@pytest.mark.parametrize("parametrisation", ["raw", "log"])
+def test_threshold_lr_moves_only_the_thresholds_at_their_own_rate(parametrisation):
+    """sae.threshold_lr: Adam's first step (beta1 0: a step of exactly lr per entry with a gradient)
+    moves each threshold parameter by threshold_lr and every other parameter by optim.lr; set equal
+    to optim.lr it trains bit for bit as without it."""
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(3))
+    base = dict(width=16, theta_init=0.05, theta_parametrisation=parametrisation, sparsity_coeff=0.1,
+                bandwidth=0.5)                           # wide: every threshold gets a gradient
+    name = f"{parametrisation}_threshold"
+    own = _member(SAEConfig(**base, threshold_lr=0.01), lr=1e-3)
+    before = {n: p.detach().clone() for n, p in own.sae.named_parameters()}
+    own.step(x, 0, x.var(0).sum())
+    moved = (own.sae.get_parameter(name) - before[name]).abs()
+    has_grad = moved > 0
+    assert has_grad.any()
+    torch.testing.assert_close(moved[has_grad], torch.full_like(moved[has_grad], 0.01), rtol=1e-4, atol=0)
+    step_b = (own.sae.b_enc - before["b_enc"]).abs()
+    assert step_b.max() <= 1e-3 * (1 + 1e-4) and step_b.max() > 5e-4
+    plain, same = _member(SAEConfig(**base), lr=1e-2), _member(SAEConfig(**base, threshold_lr=1e-2), lr=1e-2)
+    assert len(same.optimizer.param_groups) == 2 and len(plain.optimizer.param_groups) == 1
+    for step in range(5):
+        plain.step(x, step, x.var(0).sum())
+        same.step(x, step, x.var(0).sum())
+    for (n, a), (_, b) in zip(plain.sae.named_parameters(), same.sae.named_parameters()):
+        assert torch.equal(a, b), n
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_folding_gives_raw_unit_sae(arch):
     torch.manual_seed(0)

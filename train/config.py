@@ -26,6 +26,9 @@ class SAEConfig:
     theta_init_quantile: float = 0.0
     theta_parametrisation: str = "raw"    # raw (clamped at theta_min after each step) | log
     theta_min: float = 1e-6
+    # jumprelu: the threshold parameter's own learning rate (same warm-up and decay as optim.lr; 0: optim.lr).
+    # With log thresholds Adam then changes each threshold by about this fraction per step at any base lr.
+    threshold_lr: float = 0.0
     target_l0: float = 0.0                # jumprelu quadratic: the target L0
     tanh_scale: float = 4.0               # jumprelu tanh: c in tanh(c f)
     ste_to_input: bool = False            # jumprelu: the straight-through gradient also reaches pre (Anthropic)

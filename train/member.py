@@ -18,7 +18,7 @@ class Member:
         self.total_steps, self.backend = total_steps, backend
         generator = torch.Generator().manual_seed(int(cfg.train.seed))
         self.sae = build_sae(cfg.sae, d_in, generator).to(device)
-        self.optimizer = make_optimizer(self.sae.parameters(), cfg.optim)
+        self.optimizer = make_optimizer(self.sae, cfg.optim, cfg.sae.threshold_lr)
         self.stats = LatentStats(self.sae.d_sae, cfg.train.dead_window_tokens, cfg.train.dense_fraction, device)
         self.log: MetricsLog | None = None
         self._reset_sums()
@@ -30,7 +30,7 @@ class Member:
         lam = lambda_at(step, self.cfg.sae.sparsity_coeff, self.cfg.optim)
         lr = lr_at(step, self.total_steps, self.cfg.optim)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         if step == 0:
             self.sae.initialise_from_batch(x, self.cfg.sae)
         dead = self.stats.dead_mask() if self.sae.uses_dead_mask else None

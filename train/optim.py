@@ -6,8 +6,20 @@ import math
 import torch
 
 
-def make_optimizer(params, cfg) -> torch.optim.Adam:
-    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+THRESHOLD_PARAMETERS = ("raw_threshold", "log_threshold")
+
+
+def make_optimizer(sae: torch.nn.Module, cfg, threshold_lr: float = 0.0) -> torch.optim.Adam:
+    """Adam over the SAE's parameters. threshold_lr > 0: a JumpReLU threshold parameter gets a group of
+    its own whose lr is that many times the schedule's lr / cfg.lr (`lr_scale`, applied by the caller)."""
+    named = list(sae.named_parameters())
+    threshold = [p for n, p in named if n in THRESHOLD_PARAMETERS]
+    if threshold_lr > 0 and threshold:
+        groups = [{"params": [p for n, p in named if n not in THRESHOLD_PARAMETERS]},
+                  {"params": threshold, "lr_scale": threshold_lr / cfg.lr}]
+    else:
+        groups = [p for _, p in named]
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 def lr_at(step: int, total_steps: int, cfg) -> float:
