@@ -40,10 +40,9 @@ def heldout_rows(cache, meta):
     return rows
 
 
-# The papers' recipe (raw thresholds), and the default (log thresholds at their own lr) with that lr
-# raised for this 468-step run: log thresholds travel about threshold_lr x steps in log space
-# (README, "SAE quality"); the default's 2e-3 is meant for runs of thousands of steps.
-@pytest.mark.parametrize("recipe", [["sae=jumprelu_paper"], ["sae.threshold_lr=2e-2"]], ids=["paper", "default"])
+# The papers' recipe (raw thresholds), and the default (log thresholds at their own lr, which this
+# 468-step run raises from 2e-3 to threshold_travel / steps = 1.7e-2; at 2e-3 it fails: mean best cosine 0.85).
+@pytest.mark.parametrize("recipe", [["sae=jumprelu_paper"], []], ids=["paper", "default"])
 def test_jumprelu_recovers_true_features(synthetic, tmp_path, recipe):
     cache, x, features, on = synthetic
     run_training(cfg_for(cache, tmp_path / "run", "train.total_tokens=120000", "optim.lambda_warmup_steps=150",

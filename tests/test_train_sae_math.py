@@ -171,7 +171,7 @@ def test_threshold_lr_moves_only_the_thresholds_at_their_own_rate(parametrisatio
     base = dict(width=16, theta_init=0.05, theta_parametrisation=parametrisation, sparsity_coeff=0.1,
                 bandwidth=0.5)                           # wide: every threshold gets a gradient
     name = f"{parametrisation}_threshold"
-    own = _member(SAEConfig(**base, threshold_lr=0.01), lr=1e-3)
+    own = _member(SAEConfig(**base, threshold_lr=0.01, threshold_travel=0), lr=1e-3)
     before = {n: p.detach().clone() for n, p in own.sae.named_parameters()}
     own.step(x, 0, x.var(0).sum())
     moved = (own.sae.get_parameter(name) - before[name]).abs()
@@ -180,7 +180,11 @@ def test_threshold_lr_moves_only_the_thresholds_at_their_own_rate(parametrisatio
     torch.testing.assert_close(moved[has_grad], torch.full_like(moved[has_grad], 0.01), rtol=1e-4, atol=0)
     step_b = (own.sae.b_enc - before["b_enc"]).abs()
     assert step_b.max() <= 1e-3 * (1 + 1e-4) and step_b.max() > 5e-4
-    plain, same = _member(SAEConfig(**base), lr=1e-2), _member(SAEConfig(**base, threshold_lr=1e-2), lr=1e-2)
+    plain = _member(SAEConfig(**base), lr=1e-2)
+    same = _member(SAEConfig(**base, threshold_lr=1e-2, threshold_travel=0.5), lr=1e-2)   # 0.5/100 steps < 1e-2
+    assert same.threshold_lr == 1e-2
+    assert _member(SAEConfig(**base, threshold_lr=1e-3, threshold_travel=8)).threshold_lr == 8 / 100
+    assert _member(SAEConfig(**base, threshold_travel=8)).threshold_lr == 0        # no own lr: travel unused
     assert len(same.optimizer.param_groups) == 2 and len(plain.optimizer.param_groups) == 1
     for step in range(5):
         plain.step(x, step, x.var(0).sum())

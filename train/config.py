@@ -29,6 +29,9 @@ class SAEConfig:
     # jumprelu: the threshold parameter's own learning rate (same warm-up and decay as optim.lr; 0: optim.lr).
     # With log thresholds Adam then changes each threshold by about this fraction per step at any base lr.
     threshold_lr: float = 0.0
+    # With threshold_lr > 0: it is raised to at least threshold_travel / total steps, so that a short
+    # run's log thresholds can still travel a factor of e^threshold_travel (train/optim.py).
+    threshold_travel: float = 8.0
     target_l0: float = 0.0                # jumprelu quadratic: the target L0
     tanh_scale: float = 4.0               # jumprelu tanh: c in tanh(c f)
     ste_to_input: bool = False            # jumprelu: the straight-through gradient also reaches pre (Anthropic)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .metrics import LatentStats, MetricsLog
-from .optim import lambda_at, lr_at, make_optimizer, remove_parallel_grad, renormalise_rows
+from .optim import lambda_at, lr_at, make_optimizer, remove_parallel_grad, renormalise_rows, threshold_lr_for
 from .sae import build_sae
 
 
@@ -18,7 +18,8 @@ class Member:
         self.total_steps, self.backend = total_steps, backend
         generator = torch.Generator().manual_seed(int(cfg.train.seed))
         self.sae = build_sae(cfg.sae, d_in, generator).to(device)
-        self.optimizer = make_optimizer(self.sae, cfg.optim, cfg.sae.threshold_lr)
+        self.threshold_lr = threshold_lr_for(cfg.sae.threshold_lr, cfg.sae.threshold_travel, total_steps)
+        self.optimizer = make_optimizer(self.sae, cfg.optim, self.threshold_lr)
         self.stats = LatentStats(self.sae.d_sae, cfg.train.dead_window_tokens, cfg.train.dense_fraction, device)
         self.log: MetricsLog | None = None
         self._reset_sums()

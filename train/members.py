@@ -83,8 +83,8 @@ def check_member(name: str, m) -> None:
                          "are required")
     if m.optim.lr <= 0 or m.sae.bandwidth <= 0 or m.sae.theta_init <= 0:
         raise ValueError(f"member {name!r}: optim.lr, sae.bandwidth and sae.theta_init must be positive")
-    if not 0 <= m.sae.theta_init_quantile < 1 or m.optim.grad_clip_norm < 0 or m.sae.threshold_lr < 0:
+    if not 0 <= m.sae.theta_init_quantile < 1 or m.optim.grad_clip_norm < 0 or min(m.sae.threshold_lr, m.sae.threshold_travel) < 0:
         raise ValueError(f"member {name!r}: sae.theta_init_quantile in [0, 1), optim.grad_clip_norm >= 0 and "
-                         "sae.threshold_lr >= 0 are required")
+                         "sae.threshold_lr, sae.threshold_travel >= 0 are required")
     if m.sae.architecture == "jumprelu" and m.sae.sparsity_loss == "quadratic" and m.sae.target_l0 <= 0:
         raise ValueError(f"member {name!r}: sae.sparsity_loss=quadratic needs sae.target_l0 > 0")
