@@ -136,3 +136,33 @@ def test_an_arm_done_before_is_not_trained_again(tmp_path, monkeypatch):
     cfg.arms[0].levels = [0.03, 0.1]                            # a changed: trained again
     bench.run_quality(cfg)
     assert trained[-1] == ["a"]
+
+
+def test_recipe_report_compares_arms_at_equal_l0(tmp_path):
+    """Arm files from two runs merged; an arm whose FVU is 0.9x the baseline's at every L0 (on other
+    L0 points) reads +10% better, one that recovers 1.2x the features +20%; no overlap says so."""
+    from quality.recipe_report import against_baseline, load_arms, write_recipe_report
+
+    def arm(name, l0s, fvu, rec):
+        return [{"arm": name, "trainer": "ours", "level": i, "l0": l, "fvu": fvu(l), "recovered": rec(l), "alive": 10}
+                for i, l in enumerate(l0s)]
+    fvu = lambda l: 1 - 0.1 * np.log(l)              # linear in log L0: interpolation is exact  # noqa: E731
+    base = arm("base", [1, 2, 4, 8], fvu, lambda l: 0.5)
+    better = arm("better", [1.5, 3, 6], lambda l: 0.9 * fvu(l), lambda l: 0.6)
+    far = arm("far", [100, 200], fvu, lambda l: 0.5)
+    for folder, rows in (("a", base), ("b", better + far)):
+        (tmp_path / folder / "arms").mkdir(parents=True)
+        names = {r["arm"] for r in rows}
+        for n in names:
+            (tmp_path / folder / "arms" / f"{n}.json").write_text(
+                json.dumps({"rows": [r for r in rows if r["arm"] == n]}))
+    rows = load_arms([tmp_path / "a", tmp_path / "b"])
+    assert len(rows) == 9
+    assert against_baseline(rows, "better", "base", "fvu")["better"] == pytest.approx(0.1)
+    assert against_baseline(rows, "better", "base", "recovered")["better"] == pytest.approx(0.2)
+    assert against_baseline(rows, "far", "base", "fvu")["better"] is None
+    report = write_recipe_report(rows, "base", tmp_path / "out" / "r.md", "t").read_text()
+    assert "| better | 1.5-6 | +10% | +20% | +0% |" in report and "| far | no overlap |" in report
+    assert (tmp_path / "out" / "r.png").is_file()
+    with pytest.raises(ValueError):
+        load_arms([tmp_path / "a", tmp_path / "a"])

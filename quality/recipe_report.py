@@ -1,0 +1,94 @@
+"""`python -m quality.recipe_report RUN_DIR... --baseline ARM --out FILE.md`: one-change recipe arms
+against a baseline arm at equal L0, from the arm results that quality runs keep
+(`<out>/runs/<cache>/<budget>/arms/*.json`), merged over several runs of the same cache and budget
+(e.g. `make quality` and the recipe study, whose caches are generated from the same seeds).
+
+Each arm's frontier is interpolated in log L0 (quality/report.py) at L0 values both it and the
+baseline reach; the table gives the mean relative difference there, per metric, and the arm's
+levels in full. Writes the Markdown file and a frontier plot beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .report import METRICS, _curve, frontier_plot
+
+
+def load_arms(run_dirs: list[Path]) -> list[dict]:
+    rows, seen = [], set()
+    for run_dir in run_dirs:
+        for path in sorted((Path(run_dir) / "arms").glob("*.json")):
+            if path.stem in seen:
+                raise ValueError(f"arm {path.stem!r} is in more than one of {run_dirs}: keep one")
+            seen.add(path.stem)
+            rows += json.loads(path.read_text())["rows"]
+    if not rows:
+        raise FileNotFoundError(f"no arm results under {[str(d) for d in run_dirs]} (…/arms/*.json)")
+    return rows
+
+
+def against_baseline(rows: list[dict], arm: str, baseline: str, metric: str, n_points: int = 5) -> dict:
+    """Mean of (arm - baseline) / |baseline| at L0 values both reach, with the sign turned so that
+    positive means the arm is better; None where the L0 ranges do not overlap."""
+    xa, ya = _curve(rows, arm, metric)
+    xb, yb = _curve(rows, baseline, metric)
+    if len(xa) == 0 or len(xb) == 0:
+        return {"better": None, "range": None}
+    lo, hi = max(xa[0], xb[0]), min(xa[-1], xb[-1])
+    if lo > hi:
+        return {"better": None, "range": None}
+    xs = np.linspace(lo, hi, n_points if hi > lo else 1)
+    a, b = np.interp(xs, xa, ya), np.interp(xs, xb, yb)
+    sign = 1.0 if METRICS[metric][1] else -1.0
+    rel = sign * (a - b) / np.maximum(np.abs(b), 1e-12)
+    return {"better": float(rel.mean()), "range": (math.exp(lo), math.exp(hi))}
+
+
+def write_recipe_report(rows: list[dict], baseline: str, out: Path, title: str) -> Path:
+    metrics = [m for m in ("fvu", "recovered", "delta_ce", "alive") if any(r.get(m) is not None for r in rows)]
+    arms = sorted({r["arm"] for r in rows})
+    if baseline not in arms:
+        raise ValueError(f"baseline arm {baseline!r} is not among {arms}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot = frontier_plot(rows, title, out.with_suffix(".png"))
+    lines = [f"# {title}", "", f"Each arm against `{baseline}` at equal L0 (log-L0 interpolation over the L0 range both",
+             "reach; mean relative difference, **positive: the arm is better**, whichever way the metric points).", "",
+             f"![frontier]({plot.name})", "",
+             "| arm | L0 range | " + " | ".join(METRICS[m][0] for m in metrics) + " |",
+             "|---|---|" + "---|" * len(metrics)]
+    for arm in arms:
+        if arm == baseline:
+            continue
+        cells, span = [], None
+        for m in metrics:
+            c = against_baseline(rows, arm, baseline, m)
+            span = span or c["range"]
+            cells.append("n/a" if c["better"] is None else f"{100 * c['better']:+.0f}%")
+        rng = f"{span[0]:.2g}-{span[1]:.2g}" if span else "no overlap"
+        lines.append(f"| {arm} | {rng} | " + " | ".join(cells) + " |")
+    lines += ["", "Every SAE:", "", "| arm | level | L0 | " + " | ".join(METRICS[m][0] for m in metrics) + " |",
+              "|---|---|---|" + "---|" * len(metrics)]
+    for r in sorted(rows, key=lambda r: (r["arm"] != baseline, r["arm"], r["level"])):
+        vals = " | ".join("" if r.get(m) is None else f"{r[m]:.4g}" for m in metrics)
+        lines.append(f"| {r['arm']} | {r['level']:g} | {r['l0']:.3g} | {vals} |")
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dirs", nargs="+", type=Path, help="<quality out>/runs/<cache>/<budget> folders")
+    p.add_argument("--baseline", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--title", default="Recipes, one change at a time")
+    a = p.parse_args(argv)
+    print(f"[recipes] wrote {write_recipe_report(load_arms(a.run_dirs), a.baseline, a.out, a.title)}")
+
+
+if __name__ == "__main__":
+    main()
