@@ -185,6 +185,25 @@ def test_config_typos_fail_at_composition(cache, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("base_preset", ["jumprelu", "topk", "jumprelu_paper"])
+def test_member_preset_means_what_sae_equals_preset_means(tmp_path, base_preset):
+    """A member's preset replaces the base's sae section as `sae=<preset>` would (fields the preset
+    does not set take the schema's defaults, not the base preset's: the default's log thresholds and
+    own threshold lr never leak into the papers' recipe), and the command line's sae.* overrides
+    (sae.width here) reach every member."""
+    from train.config import SAEConfig
+    from train.members import member_configs
+    members = "[{preset:jumprelu_paper},{preset:jumprelu},{preset:topk,sae:{k:4}}]"
+    cfg = make_cfg(tmp_path / "c", tmp_path / "r", f"sae={base_preset}", "sweep=ablation", f"sweep.members={members}",
+                   sweep=True)
+    got = dict(member_configs(cfg))
+    paper, default, topk = got["jumprelu_paper"].sae, got["jumprelu"].sae, got["topk"].sae
+    assert paper.theta_parametrisation == "raw" and paper.threshold_lr == SAEConfig.threshold_lr == 0
+    assert default.theta_parametrisation == "log" and default.threshold_lr == 2e-3
+    assert topk.architecture == "topk" and topk.k == 4 and paper.architecture == "jumprelu"
+    assert {m.sae.width for m in got.values()} == {16}            # make_cfg's sae.width=16
+
+
 def test_cli_runs_and_rejects_missing_layer(cache, tmp_path):
     args = [sys.executable, "-m", "train", f"cache={cache}", "sublayer=mlp_out", "train.progress=false",
             "train.total_tokens=64", "loader.batch_size=32", "sae.width=16", "train.tensorboard=false"]

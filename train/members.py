@@ -1,6 +1,6 @@
 """The members of a sweep: `sweep.grid` (a nested dict of lists: their product) crossed with
-`sweep.members` (a list of override dicts; `preset: <name>` starts from conf/sae/<name>.yaml and
-`name:` names the member). A single run is a sweep of one member: the base config."""
+`sweep.members` (a list of override dicts; `preset: <name>` starts from conf/sae/<name>.yaml as
+`sae=<name>` would, keeping the command line's sae.* overrides, and `name:` names the member). A single run is a sweep of one member: the base config."""
 from __future__ import annotations
 
 import itertools
@@ -28,6 +28,41 @@ def _label(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def sae_preset(name: str):
+    """conf/sae/<name>.yaml on the schema's defaults: what `sae=<name>` gives."""
+    from .config import SAEConfig
+    path = CONF / "sae" / f"{name}.yaml"
+    if not path.exists():
+        raise ValueError(f"sweep preset {name!r}: no {path}")
+    preset_cfg = OmegaConf.load(path)
+    preset_cfg.pop("defaults", None)
+    return OmegaConf.merge(OmegaConf.structured(SAEConfig), preset_cfg)
+
+
+def _base_preset_name(sae) -> str:
+    """The sae preset the base config was composed from: Hydra's choice when running under Hydra,
+    else (a config composed elsewhere) the preset that differs from it in the fewest fields."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        choice = HydraConfig.get().runtime.choices.get("sae")
+        if choice:
+            return choice
+    except (ValueError, ImportError):
+        pass
+    def distance(name):
+        preset = sae_preset(name)
+        return sum(preset.get(k) != v for k, v in sae.items())
+    return min(sorted(p.stem for p in (CONF / "sae").glob("*.yaml")), key=distance)
+
+
+def base_sae_overrides(sae) -> dict:
+    """The base config's sae fields that differ from its preset: the command line's sae.* overrides,
+    which every member keeps. A member's preset replaces the rest (a preset's unset fields take the
+    schema's defaults, never the base preset's)."""
+    preset = sae_preset(_base_preset_name(sae))
+    return {k: v for k, v in OmegaConf.to_container(sae).items() if preset.get(k) != v}
+
+
 def member_configs(cfg) -> list[tuple[str, object]]:
     """[(name, member cfg with sections sae, optim, train)] for every member of the sweep, in order."""
     grid = _leaves(OmegaConf.to_container(cfg.sweep.grid))
@@ -46,12 +81,7 @@ def member_configs(cfg) -> list[tuple[str, object]]:
         for values in itertools.product(*[v for _, v in grid]):
             m = base.copy()
             if preset is not None:
-                path = CONF / "sae" / f"{preset}.yaml"
-                if not path.exists():
-                    raise ValueError(f"sweep preset {preset!r}: no {path}")
-                preset_cfg = OmegaConf.load(path)
-                preset_cfg.pop("defaults", None)
-                m.sae = OmegaConf.merge(m.sae, preset_cfg)   # preset fields replace the base ones
+                m.sae = OmegaConf.merge(sae_preset(preset), base_sae_overrides(cfg.sae))
             m = OmegaConf.merge(m, {k: v for k, v in over.items() if k != "name"})
             parts = [over["name"]] if "name" in over else ([preset] if preset else [])
             for (section, key), value in zip([p for p, _ in grid], values):
