@@ -136,9 +136,9 @@ chromium:
 test: $(STAMP) $(VENV)/.saelens $(VENV)/.remote-tests chromium
 	$(PY) -m pytest -q -ra tests
 
-# SAE quality: ours against SAELens on the same data (conf/quality.yaml; about an hour per cache on
-# 2 cores). ARGS="only_regimes=[basic]" for one cache, ARGS="--config-name quality_recipes" for the
-# recipe study; a one-step speed comparison beside it.
+# SAE quality: ours against SAELens on the same data (conf/quality.yaml: six caches, two budgets;
+# about 10 CPU-minutes per arm and cache on one core). ARGS="only_regimes=[basic]" for one cache,
+# ARGS="--config-name quality_recipes" for the recipe study; a one-step speed comparison beside it.
 quality: $(STAMP) $(VENV)/.saelens
 	$(PY) -m quality $(ARGS)
 	$(PY) -m quality.step_speed
