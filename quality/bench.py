@@ -168,7 +168,8 @@ def run_quality(cfg: QualityConfig) -> dict:
             run_dir = out / "runs" / cache["name"] / budget.name
             identities = {a.name: _arm_identity(a, budget, cache, cfg) for a in cfg.arms}
             cached = {a.name: _cached_rows(run_dir, a, identities[a.name]) for a in cfg.arms}
-            todo = [a for a in cfg.arms if cached[a.name] is None and (not cfg.only_arms or a.name in cfg.only_arms)]
+            todo = [a for a in cfg.arms if cached[a.name] is None and not cfg.report_only
+                    and (not cfg.only_arms or a.name in cfg.only_arms)]
             if todo:
                 print(f"[quality] {cache['name']} / {budget.name}: training {', '.join(a.name for a in todo)}", flush=True)
                 rows = _score(_targets(cache, budget, cfg, run_dir, todo), cache, cfg)

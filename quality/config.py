@@ -61,6 +61,8 @@ class QualityConfig:
     only_regimes: List[str] = field(default_factory=list)   # run these only (names), [] = all
     only_budgets: List[str] = field(default_factory=list)
     only_arms: List[str] = field(default_factory=list)
+    # Train nothing: the report from the results already kept (arms not yet run are left out).
+    report_only: bool = False
     seed: int = 0
     device: str = "cpu"
     # torch threads of every trainer (same for all, so their speeds compare): on a loaded machine more

@@ -134,6 +134,10 @@ def test_an_arm_done_before_is_not_trained_again(tmp_path, monkeypatch):
     assert trained == [["b"]]                                   # a came from its results file
     assert [r for r in both["runs"][0]["rows"] if r["arm"] == "a"] == first["runs"][0]["rows"]
     cfg.arms[0].levels = [0.03, 0.1]                            # a changed: trained again
+    cfg.report_only = True                                      # ... but not when only a report is asked for
+    only = bench.run_quality(cfg)
+    assert len(trained) == 1 and {r["arm"] for r in only["runs"][0]["rows"]} == {"b"}
+    cfg.report_only = False
     bench.run_quality(cfg)
     assert trained[-1] == ["a"]
 
