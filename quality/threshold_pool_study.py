@@ -23,7 +23,8 @@ from .config import QualityConfig, register_configs
 
 register_configs()
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "threshold_pool"
-METRICS = (("fvu", "FVU"), ("recovered", "true features recovered"), ("delta_ce", "delta LM loss"),
+# every metric lower-is-better, as the equal-L0 verdicts read them: recovery enters as features missed
+METRICS = (("fvu", "FVU"), ("missed", "true features missed"), ("delta_ce", "delta LM loss"),
            ("dead_fraction", "dead fraction"))
 
 
@@ -76,7 +77,8 @@ def trajectories_plot(rows: list[dict], arms: list[str], level: float, title: st
 
 def arm_comparisons(rows: list[dict], arms: list[str]) -> list[dict]:
     from evaluate.ablation import compare_at_equal_l0
-    labelled = [{**r, "architecture": r["arm"]} for r in rows]
+    labelled = [{**r, "architecture": r["arm"],
+                 **({"missed": 1.0 - r["recovered"]} if r.get("recovered") is not None else {})} for r in rows]
     questions = [(a, "none", f"{a} against none") for a in arms if a != "none"]
     return compare_at_equal_l0(labelled, n_points=3, questions=questions, metrics=METRICS)
 

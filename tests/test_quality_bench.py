@@ -113,9 +113,13 @@ def test_threshold_pool_study_end_to_end(tmp_path):
     assert (docs / "thresholds_tiny.png").read_bytes()[:4] == b"\x89PNG"
     study = json.loads((docs / "results.json").read_text())
     table = study["runs"][0]["noise"]["end of training"]["table"]
-    # at fixed parameters a window of K batches has about 1/K of the batch-alone variance
-    for bucket, none in table["none"].items():
+    # at fixed parameters a window of K batches has about 1/K of the batch-alone variance (in buckets
+    # whose latents got any threshold gradient in these few batches)
+    noisy = {b: none for b, none in table["none"].items() if none["variance"] > 0}
+    assert noisy
+    for bucket, none in noisy.items():
         assert table["window 8"][bucket]["variance"] < 0.5 * none["variance"]
+    assert "(missed, lower is better)" in report              # recovery judged the right way round
 
 
 def test_an_arm_done_before_is_not_trained_again(tmp_path, monkeypatch):
