@@ -40,8 +40,10 @@ def best_at_equal_l0(rows: list[dict], metric: str, n_points: int = 5) -> dict:
         for t in TRAINERS:
             cands = [(float(np.interp(x, cx, cy)), a) for a, (cx, cy) in curves[t].items()
                      if len(cx) and cx[0] - 1e-9 <= x <= cx[-1] + 1e-9]
-            value, arm = (max if higher else min)(cands)
-            point[t], point[f"{t}_arm"] = value, arm
+            if cands:               # none where this L0 falls in a gap between a trainer's arms
+                point[t], point[f"{t}_arm"] = (max if higher else min)(cands)
+        if not all(t in point for t in TRAINERS):
+            continue
         point["ours_better"] = point["ours"] > point["saelens"] if higher else point["ours"] < point["saelens"]
         points.append(point)
     return {"metric": metric, "points": points}

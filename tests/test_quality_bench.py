@@ -174,3 +174,18 @@ def test_recipe_report_compares_arms_at_equal_l0(tmp_path):
     assert (tmp_path / "out" / "r.png").is_file()
     with pytest.raises(ValueError):
         load_arms([tmp_path / "a", tmp_path / "a"])
+
+
+def test_best_at_equal_l0_skips_gaps_between_a_trainers_arms():
+    """Best arm per trainer at each L0; an L0 between two arms' ranges (no arm of ours reaches it) is
+    left out instead of failing, and the rest name the arm that is best there."""
+    from quality.report import best_at_equal_l0
+    rows = ([{"arm": "a", "trainer": "ours", "l0": l, "fvu": 0.1} for l in (1, 2)] +
+            [{"arm": "b", "trainer": "ours", "l0": l, "fvu": 0.3} for l in (4, 8)] +
+            [{"arm": "s", "trainer": "saelens", "l0": l, "fvu": 0.2} for l in (1, 8)])
+    got = best_at_equal_l0(rows, "fvu", n_points=4)          # L0 1, 2, 4, 8: all covered
+    assert [p["ours_arm"] for p in got["points"]] == ["a", "a", "b", "b"]
+    got = best_at_equal_l0(rows, "fvu", n_points=7)          # 1.41 and 2.83 ... 5.66: 2.83 falls in the gap
+    l0s = [round(p["l0"], 2) for p in got["points"]]
+    assert 2.83 not in l0s and len(l0s) == 6
+    assert all(p["ours_better"] == (p["ours_arm"] == "a") for p in got["points"])
