@@ -97,7 +97,7 @@ def write_report(results: dict, out: Path) -> Path:
                 continue
             cmp = best_at_equal_l0(rows, metric)
             run.setdefault("comparisons", []).append(cmp)
-            lines.append(f"**{METRICS[metric][0]}** at equal L0:" + (f" {cmp['note']}" if not cmp["points"] else ""))
+            lines.append(f"**{METRICS[metric][0]}** at equal L0:" + (f" {cmp.get('note', 'no L0 that both trainers reach')}" if not cmp["points"] else ""))
             if cmp["points"]:
                 lines += ["", "| L0 | ours (best arm) | SAELens (best arm) | ours better |", "|---|---|---|---|"]
                 lines += [f"| {p['l0']:.3g} | {p['ours']:.4g} ({p['ours_arm']}) | {p['saelens']:.4g} ({p['saelens_arm']}) "
