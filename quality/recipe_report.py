@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
-from .report import METRICS, _curve, frontier_plot
+from .report import METRICS, frontier_plot
 
 
 def load_arms(run_dirs: list[Path]) -> list[dict]:
@@ -33,20 +32,18 @@ def load_arms(run_dirs: list[Path]) -> list[dict]:
 
 
 def against_baseline(rows: list[dict], arm: str, baseline: str, metric: str, n_points: int = 5) -> dict:
-    """Mean of (arm - baseline) / |baseline| at L0 values both reach, with the sign turned so that
-    positive means the arm is better; None where the L0 ranges do not overlap."""
-    xa, ya = _curve(rows, arm, metric)
-    xb, yb = _curve(rows, baseline, metric)
-    if len(xa) == 0 or len(xb) == 0:
+    """Mean relative difference of `arm` from `baseline` at L0 values both reach (the ablation's
+    equal-L0 comparison, evaluate/ablation.py), signed so that positive means the arm is better;
+    None where the L0 ranges do not overlap or the baseline is not positive."""
+    from evaluate.ablation import compare_at_equal_l0
+    labelled = [{**r, "architecture": r["arm"]} for r in rows]
+    (entry,) = compare_at_equal_l0(labelled, n_points=n_points, questions=[(arm, baseline, "")],
+                                   metrics=[(metric, METRICS[metric][0])])
+    rel = [p["relative"] for p in entry["points"]]
+    if not rel or any(r is None for r in rel):
         return {"better": None, "range": None}
-    lo, hi = max(xa[0], xb[0]), min(xa[-1], xb[-1])
-    if lo > hi:
-        return {"better": None, "range": None}
-    xs = np.linspace(lo, hi, n_points if hi > lo else 1)
-    a, b = np.interp(xs, xa, ya), np.interp(xs, xb, yb)
     sign = 1.0 if METRICS[metric][1] else -1.0
-    rel = sign * (a - b) / np.maximum(np.abs(b), 1e-12)
-    return {"better": float(rel.mean()), "range": (math.exp(lo), math.exp(hi))}
+    return {"better": sign * float(np.mean(rel)), "range": (entry["points"][0]["l0"], entry["points"][-1]["l0"])}
 
 
 def write_recipe_report(rows: list[dict], baseline: str, out: Path, title: str) -> Path:

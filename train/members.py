@@ -71,6 +71,7 @@ def member_configs(cfg) -> list[tuple[str, object]]:
             raise ValueError(f"sweep.grid.{'.'.join(path)}: grid keys are sae.<field> or optim.<field>")
     explicit = OmegaConf.to_container(cfg.sweep.members) or [{}]
     base = OmegaConf.masked_copy(cfg, ["sae", "optim", "train"])
+    cli_sae = base_sae_overrides(cfg.sae) if any("preset" in e for e in explicit) else {}
     members = []
     for over in explicit:
         over = dict(over)
@@ -78,10 +79,11 @@ def member_configs(cfg) -> list[tuple[str, object]]:
         unknown = set(over) - {"sae", "optim", "name"}
         if unknown:
             raise ValueError(f"sweep.members entry {over}: unknown keys {sorted(unknown)} (use preset, sae, optim, name)")
+        preset_sae = OmegaConf.merge(sae_preset(preset), cli_sae) if preset is not None else None
         for values in itertools.product(*[v for _, v in grid]):
             m = base.copy()
-            if preset is not None:
-                m.sae = OmegaConf.merge(sae_preset(preset), base_sae_overrides(cfg.sae))
+            if preset_sae is not None:
+                m.sae = preset_sae.copy()
             m = OmegaConf.merge(m, {k: v for k, v in over.items() if k != "name"})
             parts = [over["name"]] if "name" in over else ([preset] if preset else [])
             for (section, key), value in zip([p for p, _ in grid], values):
