@@ -6,9 +6,6 @@ import math
 import torch
 
 
-THRESHOLD_PARAMETERS = ("raw_threshold", "log_threshold")
-
-
 def threshold_lr_for(threshold_lr: float, travel: float, total_steps: int) -> float:
     """The thresholds' own learning rate (0: none): log thresholds under Adam move by about their lr
     per step, so a fixed lr that suits a long run leaves a run of a few hundred steps unable to reach
@@ -22,13 +19,14 @@ def threshold_lr_for(threshold_lr: float, travel: float, total_steps: int) -> fl
 def make_optimizer(sae: torch.nn.Module, cfg, threshold_lr: float = 0.0) -> torch.optim.Adam:
     """Adam over the SAE's parameters. threshold_lr > 0: a JumpReLU threshold parameter gets a group of
     its own whose lr is that many times the schedule's lr / cfg.lr (`lr_scale`, applied by the caller)."""
-    named = list(sae.named_parameters())
-    threshold = [p for n, p in named if n in THRESHOLD_PARAMETERS]
+    params = list(sae.parameters())
+    threshold = getattr(sae, "threshold_parameters", list)()
     if threshold_lr > 0 and threshold:
-        groups = [{"params": [p for n, p in named if n not in THRESHOLD_PARAMETERS]},
+        own = {id(p) for p in threshold}
+        groups = [{"params": [p for p in params if id(p) not in own]},
                   {"params": threshold, "lr_scale": threshold_lr / cfg.lr}]
     else:
-        groups = [p for _, p in named]
+        groups = params
     return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 

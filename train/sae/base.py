@@ -84,6 +84,10 @@ class SparseAutoencoder(nn.Module):
         if getattr(cfg, "b_dec_init", "zeros") == "mean":
             self.b_dec.copy_(x.mean(0).to(self.b_dec.dtype))
 
+    def threshold_parameters(self) -> list[nn.Parameter]:
+        """Parameters that `sae.threshold_lr` gives an Adam group of their own (JumpReLU's threshold)."""
+        return []
+
     @property
     def uses_dead_mask(self) -> bool:
         """Whether training_loss needs the dead-latent mask (AuxK, pre-activation loss)."""

@@ -123,6 +123,9 @@ class JumpReLUSAE(SparseAutoencoder):
     def threshold(self) -> torch.Tensor:
         return self.raw_threshold if self.theta_parametrisation == "raw" else self.log_threshold.exp()
 
+    def threshold_parameters(self):
+        return [self.raw_threshold if self.theta_parametrisation == "raw" else self.log_threshold]
+
     @property
     def uses_dead_mask(self) -> bool:
         return self.pre_act_coeff > 0
