@@ -38,11 +38,13 @@ class Member:
         out = self.sae.training_loss(x, lam, self.backend, want_firings=track_latents, dead=dead)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        remove_parallel_grad(self.sae.W_dec)
+        if self.sae.unit_norm_decoder:
+            remove_parallel_grad(self.sae.W_dec)
         if self.cfg.optim.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.optim.grad_clip_norm)
         self.optimizer.step()
-        renormalise_rows(self.sae.W_dec)
+        if self.sae.unit_norm_decoder:
+            renormalise_rows(self.sae.W_dec)
         self.sae.after_step()
         if track_latents and out.firings is not None:
             self.stats.update(out.firings, x.shape[0])

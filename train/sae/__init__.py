@@ -27,6 +27,13 @@ def matryoshka_widths(cfg, d_sae: int) -> tuple[int, ...]:
 
 def build_sae(cfg, d_in: int, generator: torch.Generator) -> SparseAutoencoder:
     """An SAE from a `SAEConfig` (conf/sae/*.yaml)."""
+    sae = _family(cfg, d_in, generator)
+    if getattr(cfg, "decoder_norm", 0.0) > 0:
+        sae.free_decoder(float(cfg.decoder_norm))
+    return sae
+
+
+def _family(cfg, d_in: int, generator: torch.Generator) -> SparseAutoencoder:
     if cfg.architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {cfg.architecture!r}; choose one of {sorted(ARCHITECTURES)}")
     d_sae = cfg.width if cfg.width > 0 else cfg.expansion * d_in

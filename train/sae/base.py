@@ -43,6 +43,7 @@ def decoder_init(d_sae: int, d_in: int, generator: torch.Generator) -> torch.Ten
 
 class SparseAutoencoder(nn.Module):
     architecture = ""
+    unit_norm_decoder = True     # the trainer projects W_dec's rows back to unit norm after every step
     scaled_by_normalisation: tuple[str, ...] = ()   # tensors multiplied by c when folding
 
     def __init__(self, d_in: int, d_sae: int, generator: torch.Generator | None = None):
@@ -83,6 +84,20 @@ class SparseAutoencoder(nn.Module):
         b_dec_init=mean sets b_dec to the batch mean; families add their own (JumpReLU thresholds)."""
         if getattr(cfg, "b_dec_init", "zeros") == "mean":
             self.b_dec.copy_(x.mean(0).to(self.b_dec.dtype))
+
+    def norm_blind_sparsity(self) -> bool:
+        """Whether the sparsity loss ignores the decoder rows' norms (so that they may be left free)."""
+        return False
+
+    @torch.no_grad()
+    def free_decoder(self, norm: float) -> None:
+        """Rows of W_dec (and W_enc, its transpose at initialisation) scaled to `norm` and left free."""
+        if not self.norm_blind_sparsity():
+            raise ValueError(f"sae.decoder_norm > 0 leaves decoder norms free, which {self.architecture} with this "
+                             "sparsity loss cannot have (its penalty assumes unit-norm rows): use 0")
+        self.W_dec.mul_(norm)
+        self.W_enc.mul_(norm)
+        self.unit_norm_decoder = False
 
     def threshold_parameters(self) -> list[nn.Parameter]:
         """Parameters that `sae.threshold_lr` gives an Adam group of their own (JumpReLU's threshold)."""

@@ -123,6 +123,9 @@ class JumpReLUSAE(SparseAutoencoder):
     def threshold(self) -> torch.Tensor:
         return self.raw_threshold if self.theta_parametrisation == "raw" else self.log_threshold.exp()
 
+    def norm_blind_sparsity(self):
+        return self.sparsity_loss in ("l0", "quadratic")
+
     def threshold_parameters(self):
         return [self.raw_threshold if self.theta_parametrisation == "raw" else self.log_threshold]
 
