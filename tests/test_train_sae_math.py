@@ -155,7 +155,7 @@ def test_step_keeps_decoder_unit_norm_and_uses_adam_betas():
     assert not torch.equal(m.sae.W_dec, W_before)
 
 
-@pytest.mark.parametrize("architecture", ["jumprelu", "topk"])
+@pytest.mark.parametrize("architecture", ["jumprelu"])
 def test_free_decoder_starts_at_its_norm_and_takes_plain_adam_steps(architecture):
     """sae.decoder_norm > 0 (SAELens's init): W_dec and W_enc = W_dec^T start with rows of that norm, and
     a step is Adam's on the raw gradient (no projection): with beta1 0, lr * g / (|g| + eps) exactly."""
@@ -174,9 +174,25 @@ def test_free_decoder_starts_at_its_norm_and_takes_plain_adam_steps(architecture
     torch.testing.assert_close(unit.sae.W_dec.norm(dim=1), torch.ones(16))
 
 
-@pytest.mark.parametrize("fields", [dict(architecture="jumprelu", sparsity_loss="tanh"),
+def test_free_decoder_is_saved_as_the_same_sae_with_unit_norm_rows():
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(5))
+    m = _member(SAEConfig(width=16, decoder_norm=0.1, sparsity_coeff=0.01, bandwidth=0.5, theta_init=0.01), lr=1e-2)
+    for step in range(20):
+        m.step(x, step, x.var(0).sum())
+    assert (m.sae.W_dec.norm(dim=1) - 1).abs().min() > 0.1        # free: far from unit norm
+    saved = type(m.sae).from_tensors(**m.sae.export_tensors(), **m.sae.hyperparameters())
+    torch.testing.assert_close(saved.W_dec.norm(dim=1), torch.ones(16))
+    with torch.no_grad():
+        f, f_saved = m.sae.encode(x), saved.encode(x)
+        assert 0 < int((f > 0).sum()) < f.numel()
+        torch.testing.assert_close(f_saved > 0, f > 0)
+        torch.testing.assert_close(f_saved, f * m.sae.W_dec.norm(dim=1))
+        torch.testing.assert_close(saved(x), m.sae(x))
+
+
+@pytest.mark.parametrize("fields", [dict(architecture="jumprelu", sparsity_loss="tanh"), dict(architecture="topk", k=4),
                                     dict(architecture="relu"), dict(architecture="gated")])
-def test_free_decoder_refused_where_the_penalty_needs_unit_norm_rows(fields):
+def test_free_decoder_refused_where_it_cannot_be_folded_into_unit_norm_rows(fields):
     with pytest.raises(ValueError, match="decoder_norm"):
         _member(SAEConfig(width=16, decoder_norm=0.1, **fields))
 

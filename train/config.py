@@ -42,7 +42,8 @@ class SAEConfig:
     matryoshka_fractions: List[float] = field(default_factory=list)
     b_dec_init: str = "zeros"             # zeros | mean (of the first batch)
     # 0: decoder rows kept at unit norm after every step (the papers'); > 0: rows (and W_enc = W_dec^T)
-    # start at this norm and are left free (SAELens: 0.1). Only where the sparsity loss ignores the norm.
+    # start at this norm and are left free (SAELens: 0.1); the saved SAE has the norms folded into the
+    # encoder (unit-norm rows, the same outputs). jumprelu with sparsity_loss l0 or quadratic only.
     decoder_norm: float = 0.0
     # jumprelu (l0, quadratic): the threshold gradient's kernel-density sums pooled over the last
     # threshold_grad_pool_steps steps: none | window | ema (train/sae/threshold_pool.py)

@@ -85,16 +85,18 @@ class SparseAutoencoder(nn.Module):
         if getattr(cfg, "b_dec_init", "zeros") == "mean":
             self.b_dec.copy_(x.mean(0).to(self.b_dec.dtype))
 
-    def norm_blind_sparsity(self) -> bool:
-        """Whether the sparsity loss ignores the decoder rows' norms (so that they may be left free)."""
+    def can_free_decoder(self) -> bool:
+        """Whether the decoder rows' norms may be left free in training: the sparsity loss ignores them,
+        and the trained SAE folds them into the encoder, so that it is saved with unit-norm rows."""
         return False
 
     @torch.no_grad()
     def free_decoder(self, norm: float) -> None:
         """Rows of W_dec (and W_enc, its transpose at initialisation) scaled to `norm` and left free."""
-        if not self.norm_blind_sparsity():
+        if not self.can_free_decoder():
             raise ValueError(f"sae.decoder_norm > 0 leaves decoder norms free, which {self.architecture} with this "
-                             "sparsity loss cannot have (its penalty assumes unit-norm rows): use 0")
+                             "sparsity loss cannot have (its penalty or its top-k choice depends on the norms, so the "
+                             "trained SAE could not be saved with unit-norm rows): use 0")
         self.W_dec.mul_(norm)
         self.W_enc.mul_(norm)
         self.unit_norm_decoder = False

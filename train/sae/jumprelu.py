@@ -123,7 +123,7 @@ class JumpReLUSAE(SparseAutoencoder):
     def threshold(self) -> torch.Tensor:
         return self.raw_threshold if self.theta_parametrisation == "raw" else self.log_threshold.exp()
 
-    def norm_blind_sparsity(self):
+    def can_free_decoder(self):
         return self.sparsity_loss in ("l0", "quadratic")
 
     def threshold_parameters(self):
@@ -218,8 +218,12 @@ class JumpReLUSAE(SparseAutoencoder):
                 "theta_parametrisation": self.theta_parametrisation}
 
     def export_tensors(self):
-        return {"W_enc": self.W_enc.detach(), "W_dec": self.W_dec.detach(), "b_enc": self.b_enc.detach(),
-                "b_dec": self.b_dec.detach(), "threshold": self.threshold.detach()}
+        W_enc, W_dec, b_enc, threshold = self.W_enc.detach(), self.W_dec.detach(), self.b_enc.detach(), self.threshold.detach()
+        if not self.unit_norm_decoder:
+            # the same SAE with unit-norm rows: latent i's pre-activation, threshold and code times |W_dec_i|
+            n = W_dec.norm(dim=1)
+            W_enc, W_dec, b_enc, threshold = W_enc * n, W_dec / n[:, None], b_enc * n, threshold * n
+        return {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": self.b_dec.detach(), "threshold": threshold}
 
     @classmethod
     def from_tensors(cls, W_enc, W_dec, b_enc, b_dec, threshold, **hyper):

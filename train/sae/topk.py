@@ -31,9 +31,6 @@ class TopKSAE(SparseAutoencoder):
         self.W_enc = nn.Parameter(self.W_dec.detach().T.clone())
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
 
-    def norm_blind_sparsity(self):
-        return True     # k latents whatever their norms
-
     @property
     def uses_dead_mask(self) -> bool:
         return self.aux_k > 0
