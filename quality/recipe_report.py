@@ -1,7 +1,8 @@
 """`python -m quality.recipe_report RUN_DIR... --baseline ARM --out FILE.md`: one-change recipe arms
 against a baseline arm at equal L0, from the arm results that quality runs keep
 (`<out>/runs/<cache>/<budget>/arms/*.json`), merged over several runs of the same cache and budget
-(e.g. `make quality` and the recipe study, whose caches are generated from the same seeds).
+(e.g. `make quality` and the recipe study, whose caches are generated from the same seeds);
+`DIR:arm,arm` takes only some arms of a run (where two runs have an arm of the same name).
 
 Each arm's frontier is interpolated in log L0 (quality/report.py) at L0 values both it and the
 baseline reach; the table gives the mean relative difference there, per metric, and the arm's
@@ -18,10 +19,19 @@ import numpy as np
 from .report import METRICS, frontier_plot
 
 
-def load_arms(run_dirs: list[Path]) -> list[dict]:
+def load_arms(run_dirs: list) -> list[dict]:
+    """Every arm kept under each run dir; `DIR:arm,arm` takes only those arms from DIR."""
     rows, seen = [], set()
-    for run_dir in run_dirs:
-        for path in sorted((Path(run_dir) / "arms").glob("*.json")):
+    for entry in run_dirs:
+        run_dir, _, only = str(entry).partition(":")
+        wanted = set(only.split(",")) if only else None
+        paths = sorted((Path(run_dir) / "arms").glob("*.json"))
+        missing = wanted - {p.stem for p in paths} if wanted else set()
+        if missing:
+            raise FileNotFoundError(f"no results for arms {sorted(missing)} under {run_dir}/arms")
+        for path in paths:
+            if wanted is not None and path.stem not in wanted:
+                continue
             if path.stem in seen:
                 raise ValueError(f"arm {path.stem!r} is in more than one of {run_dirs}: keep one")
             seen.add(path.stem)
@@ -79,7 +89,8 @@ def write_recipe_report(rows: list[dict], baseline: str, out: Path, title: str) 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dirs", nargs="+", type=Path, help="<quality out>/runs/<cache>/<budget> folders")
+    p.add_argument("run_dirs", nargs="+", help="<quality out>/runs/<cache>/<budget> folders; DIR:arm,arm "
+                   "takes only those arms from DIR")
     p.add_argument("--baseline", required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--title", default="Recipes, one change at a time")

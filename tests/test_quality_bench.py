@@ -176,6 +176,10 @@ def test_recipe_report_compares_arms_at_equal_l0(tmp_path):
     assert (tmp_path / "out" / "r.png").is_file()
     with pytest.raises(ValueError):
         load_arms([tmp_path / "a", tmp_path / "a"])
+    picked = load_arms([tmp_path / "a", f"{tmp_path / 'b'}:better"])       # DIR:arm takes only that arm
+    assert sorted({r["arm"] for r in picked}) == ["base", "better"] and len(picked) == 7
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        load_arms([f"{tmp_path / 'b'}:nothere"])
 
 
 def test_best_at_equal_l0_skips_gaps_between_a_trainers_arms():
