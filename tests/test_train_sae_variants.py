@@ -62,6 +62,37 @@ def test_reference_counts_and_ste_to_input_equal_float64_formulas(ste_to_input):
         np.testing.assert_allclose(p.grad.numpy(), want[name], rtol=1e-10, atol=1e-12, err_msg=name)
 
 
+def test_b_dec_to_input_gradients_equal_float64_formulas_and_export_folds_it():
+    """sae.b_dec_to_input (SAELens's apply_b_dec_to_input): pre = (x - b_dec) W_enc + b_enc, through the
+    kernels' entry point; b_dec's gradient gains -W_enc dpre. Saved, the SAE encodes x itself."""
+    x, W_enc, b_enc, theta, W_dec, b_dec, lam = near_threshold_case(6)
+    b_dec = b_dec + 0.3                                     # a bias that matters,
+    b_enc = b_enc + b_dec @ W_enc                           # with pre-activations still near the thresholds
+    sae, xt, _ = _sae((x, W_enc, b_enc, theta, W_dec, b_dec, lam), b_dec_to_input=True)
+    sae.training_loss(xt, lam, "reference").loss.backward()
+    W_enc, b_enc, theta, W_dec, b_dec = (t.detach().numpy() for t in (sae.W_enc, sae.b_enc, sae.threshold, sae.W_dec,
+                                                                      sae.b_dec))   # as stored (float32 values)
+    B, xc = x.shape[0], x - b_dec
+    pre = xc @ W_enc + b_enc
+    H = (pre > theta).astype(np.float64)
+    f = pre * H
+    g = 2 * (f @ W_dec + b_dec - x) / B
+    df = g @ W_dec.T
+    ste = (np.abs((pre - theta) / EPS) < 0.5) / EPS * (theta * df + lam / B)
+    dpre = df * H
+    want = {"W_enc": xc.T @ dpre, "b_enc": dpre.sum(0), "threshold": -ste.sum(0), "W_dec": f.T @ g,
+            "b_dec": g.sum(0) - dpre.sum(0) @ W_enc.T}
+    assert H.any() and not H.all() and ste.any()
+    for name, grad in _grads(sae).items():
+        np.testing.assert_allclose(grad.numpy(), want[name], rtol=1e-10, atol=1e-12, err_msg=name)
+    saved = JumpReLUSAE.from_tensors(**sae.export_tensors(), **sae.hyperparameters())
+    assert not saved.b_dec_to_input
+    with torch.no_grad():
+        torch.testing.assert_close(saved.encode(xt.float()).double(), sae.encode(xt), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="b_dec_to_input"):
+        build_sae(SAEConfig(architecture="topk", k=4, width=16, b_dec_to_input=True), 8, torch.Generator())
+
+
 def test_quadratic_and_frequency_penalties_equal_float64_formulas():
     case = near_threshold_case(6)
     x, W_enc, b_enc, theta, W_dec, b_dec, lam = case

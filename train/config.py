@@ -41,6 +41,7 @@ class SAEConfig:
     # jumprelu, batchtopk: Matryoshka prefixes as fractions of the width, e.g. [0.0625, 0.25] ([]: off)
     matryoshka_fractions: List[float] = field(default_factory=list)
     b_dec_init: str = "zeros"             # zeros | mean (of the first batch)
+    b_dec_to_input: bool = False          # jumprelu: encode x - b_dec (SAELens); saved folded into b_enc
     # 0: decoder rows kept at unit norm after every step (the papers'); > 0: rows (and W_enc = W_dec^T)
     # start at this norm and are left free (SAELens: 0.1); the saved SAE has the norms folded into the
     # encoder (unit-norm rows, the same outputs). jumprelu with sparsity_loss l0 or quadratic only.

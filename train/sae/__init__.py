@@ -45,7 +45,10 @@ def _family(cfg, d_in: int, generator: torch.Generator) -> SparseAutoencoder:
                            frequency_coeff=cfg.frequency_coeff, frequency_target=cfg.frequency_target,
                            matryoshka_widths=matryoshka_widths(cfg, d_sae),
                            threshold_grad_pool=cfg.threshold_grad_pool,
-                           threshold_grad_pool_steps=cfg.threshold_grad_pool_steps)
+                           threshold_grad_pool_steps=cfg.threshold_grad_pool_steps,
+                           b_dec_to_input=getattr(cfg, "b_dec_to_input", False))
+    if getattr(cfg, "b_dec_to_input", False):
+        raise ValueError(f"sae.b_dec_to_input is a jumprelu option ({cfg.architecture} encodes x itself)")
     if cfg.architecture == "topk":
         if float(cfg.k) != int(cfg.k):
             raise ValueError(f"topk k must be an integer, got {cfg.k} (batchtopk takes a mean k)")

@@ -91,7 +91,8 @@ class JumpReLUSAE(SparseAutoencoder):
                  sparsity_loss: str = "l0", theta_parametrisation: str = "raw", theta_min: float = 1e-6,
                  target_l0: float = 0.0, tanh_scale: float = 4.0, ste_to_input: bool = False,
                  pre_act_coeff: float = 0.0, frequency_coeff: float = 0.0, frequency_target: float = 0.1,
-                 matryoshka_widths=(), threshold_grad_pool: str = "none", threshold_grad_pool_steps: int = 1):
+                 matryoshka_widths=(), threshold_grad_pool: str = "none", threshold_grad_pool_steps: int = 1,
+                 b_dec_to_input: bool = False):
         super().__init__(d_in, d_sae, generator)
         if sparsity_loss not in SPARSITY_LOSSES:
             raise ValueError(f"jumprelu sparsity_loss must be one of {', '.join(SPARSITY_LOSSES)}, "
@@ -104,6 +105,7 @@ class JumpReLUSAE(SparseAutoencoder):
         self.theta_parametrisation = theta_parametrisation
         self.target_l0, self.tanh_scale, self.ste_to_input = float(target_l0), float(tanh_scale), bool(ste_to_input)
         self.pre_act_coeff = float(pre_act_coeff)
+        self.b_dec_to_input = bool(b_dec_to_input)
         self.frequency_coeff, self.frequency_target = float(frequency_coeff), float(frequency_target)
         self.matryoshka_widths = self.check_widths(matryoshka_widths)
         if threshold_grad_pool != "none" and (sparsity_loss not in ("l0", "quadratic") or self.matryoshka_widths):
@@ -147,8 +149,14 @@ class JumpReLUSAE(SparseAutoencoder):
             else:
                 self.log_threshold.copy_(theta.log())
 
+    @property
+    def encoder_bias(self) -> torch.Tensor:
+        """b_enc, or with b_dec_to_input the bias of encoding x - b_dec: b_enc - b_dec W_enc (in the graph,
+        so the kernels' b_enc gradient reaches b_dec and W_enc through it)."""
+        return self.b_enc - self.b_dec @ self.W_enc if self.b_dec_to_input else self.b_enc
+
     def encode(self, x):
-        pre = x @ self.W_enc + self.b_enc
+        pre = x @ self.W_enc + self.encoder_bias
         return pre * (pre > self.threshold)
 
     def training_loss(self, x, sparsity_coeff, backend, want_firings=True, dead=None):
@@ -159,7 +167,7 @@ class JumpReLUSAE(SparseAutoencoder):
         loss, mse, l0, firings = out
         if self.pre_act_coeff > 0 and dead is not None and bool(dead.any()):
             idx = dead.nonzero().squeeze(1)
-            pre_dead = x @ self.W_enc[:, idx] + self.b_enc[idx]
+            pre_dead = x @ self.W_enc[:, idx] + self.encoder_bias[idx]
             loss = loss + self.pre_act_coeff * torch.relu(self.threshold[idx] - pre_dead).sum(-1).mean()
         return StepOutput(loss, mse, l0, firings)
 
@@ -174,7 +182,7 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def _kernel_loss(self, x, lam, backend):
         l0_loss = self.sparsity_loss == "l0"
-        out = kernels.jumprelu_sae(x, self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec,
+        out = kernels.jumprelu_sae(x, self.W_enc, self.encoder_bias, self.threshold, self.W_dec, self.b_dec,
                                    bandwidth=self.bandwidth, sparsity_coeff=lam if l0_loss else 0.0,
                                    backend=backend, ste_to_input=self.ste_to_input,
                                    threshold_pool=self.threshold_pool)
@@ -182,7 +190,7 @@ class JumpReLUSAE(SparseAutoencoder):
         return loss, out.mse.detach(), out.l0.detach(), out.firings
 
     def _autograd_loss(self, x, lam):
-        pre = x @ self.W_enc + self.b_enc
+        pre = x @ self.W_enc + self.encoder_bias
         theta = self.threshold
         f = JumpReLUFunction.apply(pre, theta, self.bandwidth, self.ste_to_input)
         if self.matryoshka_widths:
@@ -218,7 +226,8 @@ class JumpReLUSAE(SparseAutoencoder):
                 "theta_parametrisation": self.theta_parametrisation}
 
     def export_tensors(self):
-        W_enc, W_dec, b_enc, threshold = self.W_enc.detach(), self.W_dec.detach(), self.b_enc.detach(), self.threshold.detach()
+        W_enc, W_dec, b_enc, threshold = (self.W_enc.detach(), self.W_dec.detach(), self.encoder_bias.detach(),
+                                          self.threshold.detach())
         if not self.unit_norm_decoder:
             # the same SAE with unit-norm rows: latent i's pre-activation, threshold and code times |W_dec_i|
             n = W_dec.norm(dim=1)
