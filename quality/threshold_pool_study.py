@@ -95,7 +95,9 @@ def run_study(cfg: QualityConfig, docs: Path = DOCS, noise_batches: int = 400) -
     level = none.levels[len(none.levels) // 2]
     lines = ["# Threshold gradients with memory: the study", "",
              "Reproduce: `.venv/bin/python -m quality.threshold_pool_study` (conf/quality_threshold_pool.yaml).", "",
-             f"Base recipe: conf/sae/{none.preset}.yaml; budget {cfg.budgets[0].name}: "
+             f"Base recipe: conf/sae/{none.preset}.yaml"
+             + (f" with {', '.join(f'{k}={v}' for k, v in none.overrides.items())}" if none.overrides else "")
+             + f"; budget {cfg.budgets[0].name}: "
              f"{cfg.budgets[0].tokens:.3g} tokens, batch {cfg.budgets[0].batch_size}, lr {cfg.budgets[0].lr:g}.", ""]
     caches = {c["name"]: c for c in _caches(cfg)}
     for run in results["runs"]:

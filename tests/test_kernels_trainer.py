@@ -37,6 +37,9 @@ def loss_curve(cache: Path, run_dir: Path, backend: str, device: str) -> list[di
         f"cache={cache}", "layer=1", "sublayer=mlp_out", f"run_dir={run_dir}",
         f"kernel_backend={backend}", f"sae.width={WIDTH}", "sae.sparsity_coeff=0.05",
         "sae.bandwidth=0.05", "sae.theta_init=0.05",
+        # unit-norm rows: they learn within 12 steps; a free decoder starts at norm 0.1 and is slower,
+        # and the kernels cannot tell the two apart (the row projection is the trainer's, after them)
+        "sae.decoder_norm=0",
         f"loader.batch_size={BATCH}", "loader.buffer_tokens=256", "loader.num_readers=1",
         "loader.heldout_fraction=0.0", f"train.total_tokens={BATCH * STEPS}",
         "train.log_every_steps=1", "train.checkpoint_every_steps=0", "train.tensorboard=false",
