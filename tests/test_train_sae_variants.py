@@ -263,4 +263,7 @@ def test_every_preset_builds_and_trains(preset):
     for step in range(6):
         member.step(torch.randn(32, 16, generator=g), step, torch.tensor(1.0))
     assert all(torch.isfinite(torch.stack(member.losses)))
-    assert torch.allclose(member.sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
+    # unit-norm rows while training, or (sae.decoder_norm > 0: free rows) once saved
+    assert member.sae.unit_norm_decoder == (member.cfg.sae.decoder_norm == 0)
+    saved = member.sae.export_tensors()["W_dec"] if not member.sae.unit_norm_decoder else member.sae.W_dec
+    assert torch.allclose(saved.norm(dim=1), torch.ones(64), atol=1e-5)
