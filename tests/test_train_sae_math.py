@@ -155,13 +155,11 @@ def test_step_keeps_decoder_unit_norm_and_uses_adam_betas():
     assert not torch.equal(m.sae.W_dec, W_before)
 
 
-@pytest.mark.parametrize("architecture", ["jumprelu"])
-def test_free_decoder_starts_at_its_norm_and_takes_plain_adam_steps(architecture):
+def test_free_decoder_starts_at_its_norm_and_takes_plain_adam_steps():
     """sae.decoder_norm > 0 (SAELens's init): W_dec and W_enc = W_dec^T start with rows of that norm, and
     a step is Adam's on the raw gradient (no projection): with beta1 0, lr * g / (|g| + eps) exactly."""
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(4))
-    m = _member(SAEConfig(architecture=architecture, width=16, k=4, decoder_norm=0.1, sparsity_coeff=0.1,
-                          bandwidth=0.5), lr=1e-3)
+    m = _member(SAEConfig(width=16, decoder_norm=0.1, sparsity_coeff=0.1, bandwidth=0.5), lr=1e-3)
     torch.testing.assert_close(m.sae.W_dec.norm(dim=1), torch.full((16,), 0.1))
     torch.testing.assert_close(m.sae.W_enc, m.sae.W_dec.T)
     W_before = m.sae.W_dec.detach().clone()
@@ -169,7 +167,7 @@ def test_free_decoder_starts_at_its_norm_and_takes_plain_adam_steps(architecture
     g = m.sae.W_dec.grad
     assert (g * W_before).sum(1).abs().max() > 1e-4       # the parallel part kept
     torch.testing.assert_close(m.sae.W_dec, W_before - 1e-3 * g / (g.abs() + 1e-8))
-    unit = _member(SAEConfig(architecture=architecture, width=16, k=4, sparsity_coeff=0.1, bandwidth=0.5), lr=1e-3)
+    unit = _member(SAEConfig(width=16, sparsity_coeff=0.1, bandwidth=0.5), lr=1e-3)
     unit.step(x, 0, x.var(0).sum())
     torch.testing.assert_close(unit.sae.W_dec.norm(dim=1), torch.ones(16))
 

@@ -16,11 +16,11 @@ def threshold_lr_for(threshold_lr: float, travel: float, total_steps: int) -> fl
     return max(threshold_lr, travel / max(total_steps, 1)) if travel > 0 else threshold_lr
 
 
-def make_optimizer(sae: torch.nn.Module, cfg, threshold_lr: float = 0.0) -> torch.optim.Adam:
+def make_optimizer(sae, cfg, threshold_lr: float = 0.0) -> torch.optim.Adam:
     """Adam over the SAE's parameters. threshold_lr > 0: a JumpReLU threshold parameter gets a group of
     its own whose lr is that many times the schedule's lr / cfg.lr (`lr_scale`, applied by the caller)."""
     params = list(sae.parameters())
-    threshold = getattr(sae, "threshold_parameters", list)()
+    threshold = sae.threshold_parameters()
     if threshold_lr > 0 and threshold:
         own = {id(p) for p in threshold}
         groups = [{"params": [p for p in params if id(p) not in own]},

@@ -28,7 +28,7 @@ def matryoshka_widths(cfg, d_sae: int) -> tuple[int, ...]:
 def build_sae(cfg, d_in: int, generator: torch.Generator) -> SparseAutoencoder:
     """An SAE from a `SAEConfig` (conf/sae/*.yaml)."""
     sae = _family(cfg, d_in, generator)
-    if getattr(cfg, "decoder_norm", 0.0) > 0:
+    if cfg.decoder_norm > 0:
         sae.free_decoder(float(cfg.decoder_norm))
     return sae
 
@@ -36,6 +36,8 @@ def build_sae(cfg, d_in: int, generator: torch.Generator) -> SparseAutoencoder:
 def _family(cfg, d_in: int, generator: torch.Generator) -> SparseAutoencoder:
     if cfg.architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {cfg.architecture!r}; choose one of {sorted(ARCHITECTURES)}")
+    if cfg.b_dec_to_input and cfg.architecture != "jumprelu":
+        raise ValueError(f"sae.b_dec_to_input is a jumprelu option ({cfg.architecture} encodes x itself)")
     d_sae = cfg.width if cfg.width > 0 else cfg.expansion * d_in
     if cfg.architecture == "jumprelu":
         return JumpReLUSAE(d_in, d_sae, generator, theta_init=cfg.theta_init, bandwidth=cfg.bandwidth,
@@ -46,9 +48,7 @@ def _family(cfg, d_in: int, generator: torch.Generator) -> SparseAutoencoder:
                            matryoshka_widths=matryoshka_widths(cfg, d_sae),
                            threshold_grad_pool=cfg.threshold_grad_pool,
                            threshold_grad_pool_steps=cfg.threshold_grad_pool_steps,
-                           b_dec_to_input=getattr(cfg, "b_dec_to_input", False))
-    if getattr(cfg, "b_dec_to_input", False):
-        raise ValueError(f"sae.b_dec_to_input is a jumprelu option ({cfg.architecture} encodes x itself)")
+                           b_dec_to_input=cfg.b_dec_to_input)
     if cfg.architecture == "topk":
         if float(cfg.k) != int(cfg.k):
             raise ValueError(f"topk k must be an integer, got {cfg.k} (batchtopk takes a mean k)")
