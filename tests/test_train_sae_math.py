@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 
 from train.config import OptimConfig, SAEConfig
 from train.member import Member
+from train.members import check_member
 from train.optim import lambda_at, lr_at
 from train.sae import ARCHITECTURES, JumpReLUSAE, build_sae
 
@@ -195,9 +196,10 @@ def test_free_decoder_refused_where_it_cannot_be_folded_into_unit_norm_rows(fiel
         _member(SAEConfig(width=16, decoder_norm=0.1, **fields))
 
 
-def _member(sae_cfg: SAEConfig, lr: float = 1e-2) -> Member:
+def _member(sae_cfg: SAEConfig, lr: float = 1e-2, **optim) -> Member:
     cfg = OmegaConf.create({"sae": OmegaConf.structured(sae_cfg),
-                            "optim": OmegaConf.structured(OptimConfig(lr=lr, lr_warmup_steps=0, lambda_warmup_steps=0)),
+                            "optim": OmegaConf.structured(OptimConfig(lr=lr, lr_warmup_steps=0, lambda_warmup_steps=0,
+                                                                      **optim)),
                             "train": {"seed": 0, "dead_window_tokens": 1000, "dense_fraction": 0.1}})
     return Member("m", "/tmp/unused", cfg, 8, 100, "cpu", "reference")
 
@@ -231,6 +233,39 @@ def test_threshold_lr_moves_only_the_thresholds_at_their_own_rate(parametrisatio
         same.step(x, step, x.var(0).sum())
     for (n, a), (_, b) in zip(plain.sae.named_parameters(), same.sae.named_parameters()):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "gated"])
+def test_bias_lr_scale_moves_the_biases_at_their_own_rate(arch):
+    """optim.bias_lr_scale: Adam's first step (beta1 0: exactly lr per entry with a gradient) moves every
+    b_* by scale * lr, every other parameter by lr, the thresholds by their own lr; scale 1 keeps one
+    group and trains bit for bit as before it existed."""
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(4)) + 0.5
+    base = dict(architecture=arch, width=16, theta_init=0.05, sparsity_coeff=0.1, bandwidth=0.5)
+    m = _member(SAEConfig(**base, threshold_lr=0.02, threshold_travel=0), lr=1e-3, beta1=0.0,
+                           bias_lr_scale=0.25)
+    biases = {n for n, _ in m.sae.named_parameters() if n.startswith("b_")}
+    assert biases == ({"b_enc", "b_dec"} if arch == "jumprelu" else {"b_gate", "b_mag", "b_dec"})
+    before = {n: p.detach().clone() for n, p in m.sae.named_parameters()}
+    m.step(x, 0, x.var(0).sum())
+    for n, p in m.sae.named_parameters():
+        moved = (p.detach() - before[n]).abs()
+        want = 0.25e-3 if n in biases else 0.02 if "threshold" in n else 1e-3
+        assert moved.max() > 0, n
+        if n != "W_dec":                                   # projected back to unit rows after the step
+            torch.testing.assert_close(moved.max(), torch.tensor(want), rtol=1e-3, atol=0, msg=n)
+    plain = _member(SAEConfig(**base), lr=1e-2)
+    same = _member(SAEConfig(**base), lr=1e-2, bias_lr_scale=1.0)
+    assert len(same.optimizer.param_groups) == 1
+    for step in range(5):
+        plain.step(x, step, x.var(0).sum())
+        same.step(x, step, x.var(0).sum())
+    for (n, a), (_, b) in zip(plain.sae.named_parameters(), same.sae.named_parameters()):
+        assert torch.equal(a, b), n
+    bad = OmegaConf.create({"sae": OmegaConf.structured(SAEConfig(**base)),
+                            "optim": OmegaConf.structured(OptimConfig(bias_lr_scale=0.0))})
+    with pytest.raises(ValueError, match="bias_lr_scale"):
+        check_member("m", bad)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

@@ -67,6 +67,9 @@ class OptimConfig:
     lr_decay_fraction: float = 0.0        # linear decay to 0 over this last fraction of steps (0: none)
     lambda_warmup_steps: int = 10000      # lambda ramped linearly from 0
     grad_clip_norm: float = 0.0           # clip the gradient's global norm to this before each step (0: off)
+    bias_lr_scale: float = 1.0            # the biases' lr (b_enc, b_dec, ...) as a multiple of lr: Adam moves a bias
+                                          # ~lr per step in units of the data (E||x||^2 = 1); a trainer on raw
+                                          # activations of norm s moves them 1/s as far
 
 
 @dataclass

@@ -113,8 +113,9 @@ def check_member(name: str, m) -> None:
     if m.sae.width < 0 or m.sae.expansion < 1 or m.sae.k < 1 or m.sae.aux_k < 0:
         raise ValueError(f"member {name!r}: sae.width >= 0, sae.expansion >= 1, sae.k >= 1 and sae.aux_k >= 0 "
                          "are required")
-    if m.optim.lr <= 0 or m.sae.bandwidth <= 0 or m.sae.theta_init <= 0:
-        raise ValueError(f"member {name!r}: optim.lr, sae.bandwidth and sae.theta_init must be positive")
+    if min(m.optim.lr, m.optim.bias_lr_scale, m.sae.bandwidth, m.sae.theta_init) <= 0:
+        raise ValueError(f"member {name!r}: optim.lr, optim.bias_lr_scale, sae.bandwidth and sae.theta_init must be "
+                         "positive")
     if not 0 <= m.sae.theta_init_quantile < 1 or m.optim.grad_clip_norm < 0 or min(m.sae.threshold_lr, m.sae.threshold_travel) < 0:
         raise ValueError(f"member {name!r}: sae.theta_init_quantile in [0, 1), optim.grad_clip_norm >= 0 and "
                          "sae.threshold_lr, sae.threshold_travel >= 0 are required")

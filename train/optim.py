@@ -17,16 +17,20 @@ def threshold_lr_for(threshold_lr: float, travel: float, total_steps: int) -> fl
 
 
 def make_optimizer(sae, cfg, threshold_lr: float = 0.0) -> torch.optim.Adam:
-    """Adam over the SAE's parameters. threshold_lr > 0: a JumpReLU threshold parameter gets a group of
-    its own whose lr is that many times the schedule's lr / cfg.lr (`lr_scale`, applied by the caller)."""
+    """Adam over the SAE's parameters. Groups of their own, whose lr is `lr_scale` times the schedule's lr
+    (applied by the caller): a JumpReLU threshold when threshold_lr > 0 (threshold_lr / cfg.lr), the
+    biases when cfg.bias_lr_scale != 1. With neither, one group, as before either existed."""
     params = list(sae.parameters())
-    threshold = sae.threshold_parameters()
-    if threshold_lr > 0 and threshold:
-        own = {id(p) for p in threshold}
-        groups = [{"params": [p for p in params if id(p) not in own]},
-                  {"params": threshold, "lr_scale": threshold_lr / cfg.lr}]
-    else:
-        groups = params
+    own: list[tuple[list, float]] = []
+    if threshold_lr > 0 and sae.threshold_parameters():
+        own.append((sae.threshold_parameters(), threshold_lr / cfg.lr))
+    if cfg.bias_lr_scale != 1.0 and sae.bias_parameters():
+        own.append((sae.bias_parameters(), float(cfg.bias_lr_scale)))
+    if not own:
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    taken = {id(p) for group, _ in own for p in group}
+    groups = [{"params": [p for p in params if id(p) not in taken]}]
+    groups += [{"params": group, "lr_scale": scale} for group, scale in own]
     return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 

@@ -105,6 +105,11 @@ class SparseAutoencoder(nn.Module):
         """Parameters that `sae.threshold_lr` gives an Adam group of their own (JumpReLU's threshold)."""
         return []
 
+    def bias_parameters(self) -> list[nn.Parameter]:
+        """Parameters in the data's units that `optim.bias_lr_scale` gives a group of their own: every
+        family names its biases b_* (b_dec; b_enc; Gated's b_gate, b_mag)."""
+        return [p for name, p in self.named_parameters() if name.startswith("b_")]
+
     @property
     def uses_dead_mask(self) -> bool:
         """Whether training_loss needs the dead-latent mask (AuxK, pre-activation loss)."""
