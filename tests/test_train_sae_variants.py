@@ -192,6 +192,44 @@ def _perpendicular(grad, W_dec):
     return grad - (grad * rows).sum(1, keepdim=True) * rows
 
 
+def test_saelens_step_recipe_in_our_trainer_trains_as_saelens_own_trainer():
+    """SAELens's JumpReLU step recipe written as our config (conf/quality_recipes_free_decoder.yaml's
+    saelens_exact, on data whose scale is 1 so that no unit converts): from the same initial weights on
+    the same batches, our Member and SAELens's SAETrainer make the same 40 Adam steps."""
+    pytest.importorskip("sae_lens")
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+    from train.config import OptimConfig
+    from train.member import Member
+    d, width, batch, steps, lr, lam = 8, 32, 64, 40, 2e-3, 0.3
+    gen = torch.Generator().manual_seed(11)
+    batches = [torch.randn(batch, d, generator=gen) * torch.linspace(0.2, 0.5, d) + 0.3 for _ in range(steps)]
+    sae_cfg = SAEConfig(width=width, sparsity_coeff=lam, decoder_norm=0.1, theta_init=0.01, bandwidth=0.05,
+                        b_dec_to_input=True)
+    optim = OptimConfig(lr=lr, beta1=0.9, grad_clip_norm=1.0, lr_warmup_steps=0, lambda_warmup_steps=0)
+    cfg = OmegaConf.create({"sae": OmegaConf.structured(sae_cfg), "optim": OmegaConf.structured(optim),
+                            "train": {"seed": 0, "dead_window_tokens": 1000, "dense_fraction": 0.1}})
+    ours = Member("m", "/tmp/unused", cfg, d, steps, "cpu", "reference")
+    theirs = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d, d_sae=width, l0_coefficient=lam,
+                                                           jumprelu_init_threshold=0.01, jumprelu_bandwidth=0.05))
+    names = {"W_enc": "W_enc", "b_enc": "b_enc", "W_dec": "W_dec", "b_dec": "b_dec", "threshold": "raw_threshold"}
+    with torch.no_grad():
+        for theirs_name, ours_name in names.items():
+            getattr(theirs, theirs_name).copy_(ours.sae.get_parameter(ours_name))
+    trainer = SAETrainer(cfg=SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch,
+                                              lr=lr, lr_end=lr, lr_warm_up_steps=0), sae=theirs,
+                         data_provider=iter(batches))
+    trainer.fit()
+    start = ours.sae.raw_threshold.detach().clone()
+    for step, x in enumerate(batches):
+        ours.step(x, step, x.var(0).sum())
+    assert (ours.sae.raw_threshold - start).abs().max() > 10 * lr       # the thresholds did train
+    for theirs_name, ours_name in names.items():
+        torch.testing.assert_close(ours.sae.get_parameter(ours_name), getattr(theirs, theirs_name).detach(),
+                                   rtol=1e-4, atol=1e-5, msg=theirs_name)
+
+
 def test_matryoshka_mse_equals_prefix_reconstructions():
     g = torch.Generator().manual_seed(0)
     x, f = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.rand(7, 12, generator=g, dtype=torch.float64)
