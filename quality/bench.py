@@ -100,9 +100,14 @@ def _targets(cache: dict, budget, cfg: QualityConfig, run_dir: Path, arms) -> li
 
 
 def _arm_identity(arm, budget, cache: dict, cfg: QualityConfig) -> dict:
-    """What an arm's results depend on (for our arms, the preset's text too: a preset edited in place
-    retrains): if all of it matches, earlier results are reused."""
-    preset = {"preset": (CONF / "sae" / f"{arm.preset}.yaml").read_text()} if arm.trainer == "ours" else {}
+    """What an arm's results depend on (for our arms, the preset's text too, conf/sae/ and conf/optim/:
+    a preset edited in place retrains): if all of it matches, earlier results are reused."""
+    preset = {}
+    if arm.trainer == "ours":
+        preset["preset"] = (CONF / "sae" / f"{arm.preset}.yaml").read_text()
+        optim = CONF / "optim" / f"{arm.preset}.yaml"
+        if optim.exists():                       # only where there is one: other arms keep their identity
+            preset["optim_preset"] = optim.read_text()
     return {"arm": asdict(arm), **preset, "budget": asdict(budget),
             "cache": {k: cache[k] for k in ("cache", "layer", "sublayer")},
             "regime": cache.get("regime"),

@@ -2,7 +2,7 @@
 `python -m quality.step_speed [--shapes 64x512 256x4096] [--batch 1024] [--steps 30]`.
 
 Ours: `train.member.Member.step` (the trainer's whole step: forward, backward, Adam, decoder
-constraint, latent statistics) with the default JumpReLU recipe (conf/sae/jumprelu.yaml); SAELens: `SAETrainer.step` with its
+constraint, latent statistics) with the default JumpReLU recipe (conf/sae/jumprelu.yaml, conf/optim/jumprelu.yaml); SAELens: `SAETrainer.step` with its
 JumpReLU (`step` loss), which also does its whole step. Alternated in rounds; medians of ms per step,
 and their ratio (SAELens / ours: above 1, ours is faster).
 """
@@ -21,9 +21,10 @@ from omegaconf import OmegaConf
 def ours_step(d: int, width: int, batch: int, device: str):
     from train.config import Config
     from train.member import Member
-    from train.members import sae_preset
+    from train.members import optim_preset, sae_preset
     sae = OmegaConf.merge(sae_preset("jumprelu"), {"width": width})         # the default of `make train`
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), {"sae": sae, "optim": {"lr": 1e-3}})
+    optim = OmegaConf.merge(optim_preset("jumprelu"), {"lr": 1e-3})
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), {"sae": sae, "optim": optim})
     member = Member("ours", Path("unused"), cfg, d, 10**6, torch.device(device), "auto")
     v = torch.tensor(1.0, device=device)
     state = {"step": 0}

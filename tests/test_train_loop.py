@@ -188,7 +188,7 @@ def test_config_typos_fail_at_composition(cache, tmp_path):
 @pytest.mark.parametrize("base_preset", ["jumprelu", "topk", "jumprelu_paper"])
 def test_member_preset_means_what_sae_equals_preset_means(tmp_path, base_preset):
     """A member's preset replaces the base's sae section as `sae=<preset>` would (fields the preset
-    does not set take the schema's defaults, not the base preset's: the default's log thresholds and
+    does not set take the schema's defaults, not the base preset's: the default's free decoder and
     own threshold lr never leak into the papers' recipe), and the command line's sae.* overrides
     (sae.width here) reach every member."""
     from train.config import SAEConfig
@@ -199,9 +199,19 @@ def test_member_preset_means_what_sae_equals_preset_means(tmp_path, base_preset)
     got = dict(member_configs(cfg))
     paper, default, topk = got["jumprelu_paper"].sae, got["jumprelu"].sae, got["topk"].sae
     assert paper.theta_parametrisation == "raw" and paper.threshold_lr == SAEConfig.threshold_lr == 0
-    assert default.theta_parametrisation == "log" and default.threshold_lr == 2e-3
+    assert default.b_dec_to_input and default.decoder_norm == 0.1 and default.threshold_lr == 6.45e-4
     assert topk.architecture == "topk" and topk.k == 4 and paper.architecture == "jumprelu"
     assert {m.sae.width for m in got.values()} == {16}            # make_cfg's sae.width=16
+    # the optim section likewise: the default's conf/optim/jumprelu.yaml, the schema's for the others,
+    # and the command line's optim.* (make_cfg's lr and warm-ups) in every member
+    from train.config import OptimConfig
+    from omegaconf import OmegaConf
+    recipe = OmegaConf.load(Path(CONF) / "optim" / "jumprelu.yaml")
+    assert recipe and all(got["jumprelu"].optim[k] == v for k, v in recipe.items())
+    for name in ("jumprelu_paper", "topk"):
+        assert all(got[name].optim[k] == getattr(OptimConfig, k) for k in recipe), name
+    assert {(m.optim.lr, m.optim.lr_warmup_steps, m.optim.lambda_warmup_steps) for m in got.values()} == {(1e-2, 3, 5)}
+    assert dict(got[base_preset].optim) == dict(cfg.optim)         # a member of the base's preset is the base
 
 
 def test_cli_runs_and_rejects_missing_layer(cache, tmp_path):

@@ -40,8 +40,8 @@ def heldout_rows(cache, meta):
     return rows
 
 
-# The papers' recipe (raw thresholds), and the default (log thresholds at their own lr, which this
-# 468-step run raises from 2e-3 to threshold_travel / steps = 1.7e-2; at 2e-3 it fails: mean best cosine 0.85).
+# The papers' recipe (unit-norm decoder, thresholds at the optimizer's lr), and the default (SAELens's
+# step recipe in our units: free decoder, b_dec subtracted, thresholds at their own lr, conf/optim/jumprelu.yaml).
 @pytest.mark.parametrize("recipe", [["sae=jumprelu_paper"], []], ids=["paper", "default"])
 def test_jumprelu_recovers_true_features(synthetic, tmp_path, recipe):
     cache, x, features, on = synthetic

@@ -1,6 +1,7 @@
 """The members of a sweep: `sweep.grid` (a nested dict of lists: their product) crossed with
-`sweep.members` (a list of override dicts; `preset: <name>` starts from conf/sae/<name>.yaml as
-`sae=<name>` would, keeping the command line's sae.* overrides, and `name:` names the member). A single run is a sweep of one member: the base config."""
+`sweep.members` (a list of override dicts; `preset: <name>` starts from conf/sae/<name>.yaml and
+conf/optim/<name>.yaml where there is one, as `sae=<name>` would, keeping the command line's sae.* and
+optim.* overrides, and `name:` names the member). A single run is a sweep of one member: the base config."""
 from __future__ import annotations
 
 import itertools
@@ -39,6 +40,16 @@ def sae_preset(name: str):
     return OmegaConf.merge(OmegaConf.structured(SAEConfig), preset_cfg)
 
 
+def optim_preset(name: str):
+    """conf/optim/<name>.yaml, the optimizer settings a recipe needs, on the schema's defaults: what
+    `sae=<name>` gives the optim section (conf/train.yaml: `optional optim: ${sae}`); the schema's
+    alone where the preset has none."""
+    from .config import OptimConfig
+    path = CONF / "optim" / f"{name}.yaml"
+    schema = OmegaConf.structured(OptimConfig)
+    return OmegaConf.merge(schema, OmegaConf.load(path)) if path.exists() else schema
+
+
 def _base_preset_name(sae) -> str:
     """The sae preset the base config was composed from: Hydra's choice when running under Hydra,
     else (a config composed elsewhere) the preset that differs from it in the fewest fields."""
@@ -55,12 +66,15 @@ def _base_preset_name(sae) -> str:
     return min(sorted(p.stem for p in (CONF / "sae").glob("*.yaml")), key=distance)
 
 
-def base_sae_overrides(sae) -> dict:
-    """The base config's sae fields that differ from its preset: the command line's sae.* overrides,
-    which every member keeps. A member's preset replaces the rest (a preset's unset fields take the
-    schema's defaults, never the base preset's)."""
-    preset = sae_preset(_base_preset_name(sae))
-    return {k: v for k, v in OmegaConf.to_container(sae).items() if preset.get(k) != v}
+def base_overrides(cfg) -> dict:
+    """{"sae": .., "optim": ..}: the base config's fields that differ from its preset's (conf/sae/<name>.yaml,
+    conf/optim/<name>.yaml): the command line's overrides, which every member keeps. A member's preset
+    replaces the rest (a preset's unset fields take the schema's defaults, never the base preset's)."""
+    name = _base_preset_name(cfg.sae)
+    out = {}
+    for section, preset in (("sae", sae_preset(name)), ("optim", optim_preset(name))):
+        out[section] = {k: v for k, v in OmegaConf.to_container(cfg[section]).items() if preset.get(k) != v}
+    return out
 
 
 def member_configs(cfg) -> list[tuple[str, object]]:
@@ -71,7 +85,7 @@ def member_configs(cfg) -> list[tuple[str, object]]:
             raise ValueError(f"sweep.grid.{'.'.join(path)}: grid keys are sae.<field> or optim.<field>")
     explicit = OmegaConf.to_container(cfg.sweep.members) or [{}]
     base = OmegaConf.masked_copy(cfg, ["sae", "optim", "train"])
-    cli_sae = base_sae_overrides(cfg.sae) if any("preset" in e for e in explicit) else {}
+    cli = base_overrides(cfg) if any("preset" in e for e in explicit) else {}
     members = []
     for over in explicit:
         over = dict(over)
@@ -79,11 +93,13 @@ def member_configs(cfg) -> list[tuple[str, object]]:
         unknown = set(over) - {"sae", "optim", "name"}
         if unknown:
             raise ValueError(f"sweep.members entry {over}: unknown keys {sorted(unknown)} (use preset, sae, optim, name)")
-        preset_sae = OmegaConf.merge(sae_preset(preset), cli_sae) if preset is not None else None
+        if preset is not None:
+            preset_sae = OmegaConf.merge(sae_preset(preset), cli["sae"])
+            preset_optim = OmegaConf.merge(optim_preset(preset), cli["optim"])
         for values in itertools.product(*[v for _, v in grid]):
             m = base.copy()
-            if preset_sae is not None:
-                m.sae = preset_sae.copy()
+            if preset is not None:
+                m.sae, m.optim = preset_sae.copy(), preset_optim.copy()
             m = OmegaConf.merge(m, {k: v for k, v in over.items() if k != "name"})
             parts = [over["name"]] if "name" in over else ([preset] if preset else [])
             for (section, key), value in zip([p for p, _ in grid], values):
