@@ -83,6 +83,24 @@ def arm_comparisons(rows: list[dict], arms: list[str]) -> list[dict]:
     return compare_at_equal_l0(labelled, n_points=3, questions=questions, metrics=METRICS)
 
 
+def _none_rows(rows: list[dict]) -> list:
+    return sorted((r["level"], r["l0"], r["fvu"]) for r in rows if r["arm"] == "none")
+
+
+def _earlier_noise(docs: Path, name: str, rows: list[dict], noise_batches: int) -> dict | None:
+    """The noise tables of an earlier report (docs/results.json) for this cache, if its `none` SAEs were
+    the same (level, L0 and FVU equal) and it used as many batches; else None."""
+    path = docs / "results.json"
+    if not path.is_file():
+        return None
+    for run in json.loads(path.read_text()).get("runs", []):
+        noise = run.get("noise")
+        if (run["cache"]["name"] == name and noise and _none_rows(run["rows"]) == _none_rows(rows)
+                and all(t.get("n_batches") == noise_batches for t in noise.values())):
+            return noise
+    return None
+
+
 def run_study(cfg: QualityConfig, docs: Path = DOCS, noise_batches: int = 400) -> Path:
     from evaluate.ablation import _verdict
     from .bench import _caches, run_quality
@@ -105,16 +123,19 @@ def run_study(cfg: QualityConfig, docs: Path = DOCS, noise_batches: int = 400) -
         name = cache["name"]
         final = Path(next(r["folder"] for r in rows if r["arm"] == "none" and r["level"] == level))
         lines += [f"## {name}", ""]
-        # 1. noise at fixed parameters: early (10% of the budget) and final
-        early_budget = replace(cfg.budgets[0], tokens=cfg.budgets[0].tokens / 10)
-        early_dir = Path(cfg.out) / "runs" / name / "early"
-        shutil.rmtree(early_dir, ignore_errors=True)
-        early = train_ours([replace(none, levels=[level])], caches[name]["cache"], cache["layer"], cache["sublayer"],
-                           early_dir, early_budget, cfg)
-        for when, folder in (("early (10% of the budget)", next(iter(early["folders"].values()))),
-                             ("end of training", final)):
-            table = noise_at(folder, cache, cfg, level, noise_batches)
-            run.setdefault("noise", {})[when] = table
+        # 1. noise at fixed parameters: early (10% of the budget) and final; deterministic given the
+        # `none` arm, so an earlier report's tables for the same `none` SAEs are reused
+        noise = _earlier_noise(docs, name, rows, noise_batches)
+        if noise is None:
+            early_budget = replace(cfg.budgets[0], tokens=cfg.budgets[0].tokens / 10)
+            early_dir = Path(cfg.out) / "runs" / name / "early"
+            shutil.rmtree(early_dir, ignore_errors=True)
+            early = train_ours([replace(none, levels=[level])], caches[name]["cache"], cache["layer"],
+                               cache["sublayer"], early_dir, early_budget, cfg)
+            noise = {when: noise_at(folder, cache, cfg, level, noise_batches) for when, folder in
+                     (("early (10% of the budget)", next(iter(early["folders"].values()))), ("end of training", final))}
+        run["noise"] = noise
+        for when, table in noise.items():
             lines += [f"**Noise of the threshold-gradient estimate at fixed parameters, {when}** "
                       f"(lambda {level:g}, {table['n_batches']} batches of {table['batch_size']}; relative to "
                       "each latent's mean square of the batch-alone estimate):", "", format_table(table), ""]

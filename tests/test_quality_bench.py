@@ -100,7 +100,7 @@ def test_benchmark_end_to_end_with_saelens(tmp_path):
     assert json.loads((tmp_path / "q" / "results.json").read_text())["runs"][0]["rows"] == rows
 
 
-def test_threshold_pool_study_end_to_end(tmp_path):
+def test_threshold_pool_study_end_to_end(tmp_path, monkeypatch):
     from quality.threshold_pool_study import run_study
     arms = [Arm(name="none", trainer="ours", preset="jumprelu", knob="sparsity_coeff", levels=[0.01, 0.1]),
             Arm(name="window_4", trainer="ours", preset="jumprelu", knob="sparsity_coeff", levels=[0.01, 0.1],
@@ -122,6 +122,14 @@ def test_threshold_pool_study_end_to_end(tmp_path):
     # recovery is judged the right way round: as features missed, lower is better
     judged = {c["metric"] for c in study["runs"][0]["comparisons_against_none"]}
     assert "missed" in judged and "recovered" not in judged
+    # a second run reuses the arms and the noise tables (same `none` SAEs): nothing is trained again
+    import quality.ours_arm
+    def refuse(*a, **k):
+        raise AssertionError("trained again")
+    monkeypatch.setattr(quality.ours_arm, "train_ours", refuse)
+    monkeypatch.setattr("quality.bench.train_ours", refuse)
+    again = run_study(_small_config(tmp_path, arms), docs=docs, noise_batches=24).read_text()
+    assert again == report
 
 
 def test_an_arm_done_before_is_not_trained_again(tmp_path, monkeypatch):
