@@ -320,7 +320,8 @@ def test_reader_threads_one_per_usable_core_by_default(monkeypatch):
 
 
 def test_trainer_logs_the_fraction_of_time_spent_waiting_for_data(tmp_path, monkeypatch):
-    """A disk that takes 50 ms a chunk: the step waits on the loader most of the time, and says so."""
+    """A disk that takes 200 ms a chunk: the step waits on the loader most of the time, and says so
+    (at 50 ms a step slowed by other work on a loaded 2-core machine can take as long as a read)."""
     import json
     import time
     from pathlib import Path
@@ -348,7 +349,7 @@ def test_trainer_logs_the_fraction_of_time_spent_waiting_for_data(tmp_path, monk
     real_read = ActivationArray.read_chunk_into
 
     def slow_read(self, *a, **k):
-        time.sleep(0.05)
+        time.sleep(0.2)
         return real_read(self, *a, **k)
     monkeypatch.setattr(ActivationArray, "read_chunk_into", slow_read)
     slow = fractions("slow")
