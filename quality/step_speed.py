@@ -2,8 +2,9 @@
 `python -m quality.step_speed [--shapes 64x512 256x4096] [--batch 1024] [--steps 30]`.
 
 Ours: `train.member.Member.step` (the trainer's whole step: forward, backward, Adam, decoder
-constraint, latent statistics) with the default JumpReLU recipe (conf/sae/jumprelu.yaml, conf/optim/jumprelu.yaml); SAELens: `SAETrainer.step` with its
-JumpReLU (`step` loss), which also does its whole step. Alternated in rounds; medians of ms per step,
+constraint, latent statistics) with the default JumpReLU recipe (conf/sae/jumprelu.yaml,
+conf/optim/jumprelu.yaml); SAELens: `SAETrainer.step` with its JumpReLU (`step` loss), which also does
+its whole step. Alternated in rounds; medians of ms per step,
 and their ratio (SAELens / ours: above 1, ours is faster).
 """
 from __future__ import annotations

@@ -242,8 +242,7 @@ def test_bias_lr_scale_moves_the_biases_at_their_own_rate(arch):
     group and trains bit for bit as before it existed."""
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(4)) + 0.5
     base = dict(architecture=arch, width=16, theta_init=0.05, sparsity_coeff=0.1, bandwidth=0.5)
-    m = _member(SAEConfig(**base, threshold_lr=0.02, threshold_travel=0), lr=1e-3, beta1=0.0,
-                           bias_lr_scale=0.25)
+    m = _member(SAEConfig(**base, threshold_lr=0.02, threshold_travel=0), lr=1e-3, beta1=0.0, bias_lr_scale=0.25)
     biases = {n for n, _ in m.sae.named_parameters() if n.startswith("b_")}
     assert biases == ({"b_enc", "b_dec"} if arch == "jumprelu" else {"b_gate", "b_mag", "b_dec"})
     before = {n: p.detach().clone() for n, p in m.sae.named_parameters()}

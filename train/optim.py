@@ -21,11 +21,12 @@ def make_optimizer(sae, cfg, threshold_lr: float = 0.0) -> torch.optim.Adam:
     (applied by the caller): a JumpReLU threshold when threshold_lr > 0 (threshold_lr / cfg.lr), the
     biases when cfg.bias_lr_scale != 1. With neither, one group, as before either existed."""
     params = list(sae.parameters())
+    threshold, biases = sae.threshold_parameters(), sae.bias_parameters()
     own: list[tuple[list, float]] = []
-    if threshold_lr > 0 and sae.threshold_parameters():
-        own.append((sae.threshold_parameters(), threshold_lr / cfg.lr))
-    if cfg.bias_lr_scale != 1.0 and sae.bias_parameters():
-        own.append((sae.bias_parameters(), float(cfg.bias_lr_scale)))
+    if threshold_lr > 0 and threshold:
+        own.append((threshold, threshold_lr / cfg.lr))
+    if cfg.bias_lr_scale != 1.0 and biases:
+        own.append((biases, float(cfg.bias_lr_scale)))
     if not own:
         return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     taken = {id(p) for group, _ in own for p in group}
