@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from train.members import preset_files
+
 from .config import QualityConfig
 from .ours_arm import member_name, train_ours
 from .saelens_arm import available as saelens_available, train_saelens
 from .synthetic import LAYER, SUBLAYER, true_features, write_synthetic_cache
-
-CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 def _caches(cfg: QualityConfig) -> list[dict]:
@@ -103,11 +103,11 @@ def _arm_identity(arm, budget, cache: dict, cfg: QualityConfig) -> dict:
     """What an arm's results depend on (for our arms, the preset's text too, conf/sae/ and conf/optim/:
     a preset edited in place retrains): if all of it matches, earlier results are reused."""
     preset = {}
-    if arm.trainer == "ours":
-        preset["preset"] = (CONF / "sae" / f"{arm.preset}.yaml").read_text()
-        optim = CONF / "optim" / f"{arm.preset}.yaml"
-        if optim.exists():                       # only where there is one: other arms keep their identity
-            preset["optim_preset"] = optim.read_text()
+    if arm.trainer == "ours":                    # with the presets they extend
+        preset["preset"] = "".join(p.read_text() for p in preset_files("sae", arm.preset))
+        optim = preset_files("optim", arm.preset)
+        if optim:                                # only where there is one: other arms keep their identity
+            preset["optim_preset"] = "".join(p.read_text() for p in optim)
     return {"arm": asdict(arm), **preset, "budget": asdict(budget),
             "cache": {k: cache[k] for k in ("cache", "layer", "sublayer")},
             "regime": cache.get("regime"),
@@ -120,13 +120,25 @@ def _arm_file(run_dir: Path, arm) -> Path:
     return run_dir / "arms" / f"{arm.name}.json"
 
 
-def _cached_rows(run_dir: Path, arm, identity: dict):
+def _cached_rows(run_dir: Path, arm, identity: dict, kept_run: dict | None):
+    """The arm's rows from an earlier run with the same identity: out/'s own, else the kept results'."""
+    identity = json.loads(json.dumps(identity))
     path = _arm_file(run_dir, arm)
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("identity") == json.loads(json.dumps(identity)):
+        if saved.get("identity") == identity:
             return saved["rows"]
+    if kept_run and kept_run.get("identities", {}).get(arm.name) == identity:
+        return [r for r in kept_run["rows"] if r["arm"] == arm.name] or None
     return None
+
+
+def _kept_runs(cfg: QualityConfig) -> dict:
+    """{(cache name, budget name): run} of cfg.kept's results.json ({} without one)."""
+    path = Path(cfg.kept) if cfg.kept else None
+    if path is None or not path.is_file():
+        return {}
+    return {(r["cache"]["name"], r["budget"]["name"]): r for r in json.loads(path.read_text())["runs"]}
 
 
 def _score(targets: list, cache: dict, cfg: QualityConfig) -> list[dict]:
@@ -166,13 +178,15 @@ def run_quality(cfg: QualityConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     results = {"config": asdict(cfg), "runs": []}
+    kept = _kept_runs(cfg)
     for cache in _caches(cfg):
         for budget in cfg.budgets:
             if cfg.only_budgets and budget.name not in cfg.only_budgets:
                 continue
             run_dir = out / "runs" / cache["name"] / budget.name
             identities = {a.name: _arm_identity(a, budget, cache, cfg) for a in cfg.arms}
-            cached = {a.name: _cached_rows(run_dir, a, identities[a.name]) for a in cfg.arms}
+            kept_run = kept.get((cache["name"], budget.name))
+            cached = {a.name: _cached_rows(run_dir, a, identities[a.name], kept_run) for a in cfg.arms}
             todo = [a for a in cfg.arms if cached[a.name] is None and not cfg.report_only
                     and (not cfg.only_arms or a.name in cfg.only_arms)]
             if todo:
@@ -186,7 +200,8 @@ def run_quality(cfg: QualityConfig) -> dict:
                                                indent=1) + "\n")
             rows = [r for a in cfg.arms if cached[a.name] for r in cached[a.name]]
             if rows:
-                results["runs"].append({"cache": cache, "budget": asdict(budget), "rows": rows})
+                results["runs"].append({"cache": cache, "budget": asdict(budget), "rows": rows,
+                                        "identities": {a.name: identities[a.name] for a in cfg.arms if cached[a.name]}})
                 (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     report = write_report(results, out)
     print(f"[quality] wrote {report} and {out / 'results.json'}")

@@ -63,6 +63,9 @@ class QualityConfig:
     only_arms: List[str] = field(default_factory=list)
     # Train nothing: the report from the results already kept (arms not yet run are left out).
     report_only: bool = False
+    # results.json of an earlier run (conf/quality.yaml: the committed docs/quality/results.json): an arm
+    # whose identity is the same there is taken from it rather than retrained, on a fresh clone too.
+    kept: str = ""
     seed: int = 0
     device: str = "cpu"
     # torch threads of every trainer (same for all, so their speeds compare): on a loaded machine more

@@ -156,6 +156,31 @@ def test_an_arm_done_before_is_not_trained_again(tmp_path, monkeypatch):
     assert trained[-1] == ["a"]
 
 
+def test_kept_results_of_another_checkout_are_not_trained_again(tmp_path, monkeypatch):
+    """cfg.kept (conf/quality.yaml: the committed docs/quality/results.json): a fresh out/ takes every
+    arm whose identity is the same from it, and trains only the arm whose settings changed."""
+    import shutil
+    import quality.bench as bench
+    arms = [Arm(name="a", trainer="ours", preset="jumprelu", knob="sparsity_coeff", levels=[0.03]),
+            Arm(name="b", trainer="ours", preset="topk", knob="k", levels=[2])]
+    cfg = _small_config(tmp_path, arms)
+    first = bench.run_quality(cfg)
+    kept = tmp_path / "kept.json"
+    shutil.copy(Path(cfg.out) / "results.json", kept)
+    shutil.rmtree(cfg.out)                                      # a fresh clone: no out/ (the caches stay)
+    trained = []
+    real = bench._targets
+    monkeypatch.setattr(bench, "_targets", lambda c, b, q, d, todo: trained.append([a.name for a in todo]) or real(c, b, q, d, todo))
+    cfg.kept = str(kept)
+    again = bench.run_quality(cfg)
+    assert trained == [] and again["runs"][0]["rows"] == first["runs"][0]["rows"]
+    cfg.arms[1].levels = [3]                                    # b changed: trained again, a still kept
+    changed = bench.run_quality(cfg)
+    assert trained == [["b"]]
+    assert [r for r in changed["runs"][0]["rows"] if r["arm"] == "a"] == [r for r in first["runs"][0]["rows"]
+                                                                          if r["arm"] == "a"]
+
+
 def test_recipe_report_compares_arms_at_equal_l0(tmp_path):
     """Arm files from two runs merged; an arm whose FVU is 0.9x the baseline's at every L0 (on other
     L0 points) reads +10% better, one that recovers 1.2x the features +20%; no overlap says so."""
@@ -196,10 +221,23 @@ def test_best_at_equal_l0_skips_gaps_between_a_trainers_arms():
     from quality.report import best_at_equal_l0
     rows = ([{"arm": "a", "trainer": "ours", "l0": l, "fvu": 0.1} for l in (1, 2)] +
             [{"arm": "b", "trainer": "ours", "l0": l, "fvu": 0.3} for l in (4, 8)] +
-            [{"arm": "s", "trainer": "saelens", "l0": l, "fvu": 0.2} for l in (1, 8)])
+            [{"arm": "s", "trainer": "saelens", "l0": l, "fvu": 0.2} for l in (1, 2, 4, 8)])
     got = best_at_equal_l0(rows, "fvu", n_points=4)          # L0 1, 2, 4, 8: all covered
     assert [p["ours_arm"] for p in got["points"]] == ["a", "a", "b", "b"]
     got = best_at_equal_l0(rows, "fvu", n_points=7)          # 1.41 and 2.83 ... 5.66: 2.83 falls in the gap
     l0s = [round(p["l0"], 2) for p in got["points"]]
     assert 2.83 not in l0s and len(l0s) == 6
     assert all(p["ours_better"] == (p["ours_arm"] == "a") for p in got["points"])
+
+
+def test_best_at_equal_l0_does_not_interpolate_across_a_wide_gap_of_a_sweep():
+    """An arm whose SAEs are more than MAX_L0_GAP apart in L0 is not read between them: a straight line
+    in log L0 there would credit a sparse sweep with SAEs it never trained."""
+    from quality.report import MAX_L0_GAP, best_at_equal_l0
+    gap = MAX_L0_GAP * 1.5
+    rows = ([{"arm": "o", "trainer": "ours", "l0": l, "fvu": 0.5 / l} for l in (1, 2, 4, gap)] +
+            [{"arm": "s", "trainer": "saelens", "l0": l, "fvu": 0.4 / l} for l in (1, gap)])
+    got = best_at_equal_l0(rows, "fvu", n_points=5)
+    assert [round(p["l0"], 3) for p in got["points"]] == [1, round(gap, 3)]     # only where s has SAEs
+    rows += [{"arm": "s", "trainer": "saelens", "l0": l, "fvu": 0.4 / l} for l in (2, 4)]
+    assert len(best_at_equal_l0(rows, "fvu", n_points=5)["points"]) == 5

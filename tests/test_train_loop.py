@@ -214,6 +214,19 @@ def test_member_preset_means_what_sae_equals_preset_means(tmp_path, base_preset)
     assert dict(got[base_preset].optim) == dict(cfg.optim)         # a member of the base's preset is the base
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(CONF) / "sae").glob("*.yaml")))
+def test_sweep_members_read_each_preset_as_hydra_composes_it(preset, tmp_path):
+    """train.members reads conf/sae/<preset>.yaml and conf/optim/<preset>.yaml itself (for sweep members
+    and the quality benchmark), presets that extend others (jumprelu_tanh_saelens) included: what it
+    reads is what Hydra composes for `sae=<preset>`."""
+    from train.members import optim_preset, sae_preset
+    cfg = make_cfg(tmp_path / "c", tmp_path / "r", f"sae={preset}")
+    for section, got in (("sae", sae_preset(preset)), ("optim", optim_preset(preset))):
+        overridden = {"width", "lr", "lr_warmup_steps", "lambda_warmup_steps"}   # make_cfg's command line
+        want = {k: v for k, v in cfg[section].items() if k not in overridden}
+        assert {k: v for k, v in got.items() if k not in overridden} == want, section
+
+
 def test_cli_runs_and_rejects_missing_layer(cache, tmp_path):
     args = [sys.executable, "-m", "train", f"cache={cache}", "sublayer=mlp_out", "train.progress=false",
             "train.total_tokens=64", "loader.batch_size=32", "sae.width=16", "train.tensorboard=false"]

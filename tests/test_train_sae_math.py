@@ -189,7 +189,7 @@ def test_free_decoder_is_saved_as_the_same_sae_with_unit_norm_rows():
         torch.testing.assert_close(saved(x), m.sae(x))
 
 
-@pytest.mark.parametrize("fields", [dict(architecture="jumprelu", sparsity_loss="tanh"), dict(architecture="topk", k=4),
+@pytest.mark.parametrize("fields", [dict(architecture="jumprelu", sparsity_loss="l1"), dict(architecture="topk", k=4),
                                     dict(architecture="relu"), dict(architecture="gated")])
 def test_free_decoder_refused_where_it_cannot_be_folded_into_unit_norm_rows(fields):
     with pytest.raises(ValueError, match="decoder_norm"):

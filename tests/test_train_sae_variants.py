@@ -140,7 +140,7 @@ def test_pre_activation_loss_pulls_only_dead_latents():
     np.testing.assert_allclose((got["threshold"] - sae.raw_threshold.grad).numpy(), -extra_b, rtol=1e-10, atol=1e-12)
 
 
-def _saelens_jumprelu(case, mode, ste_to_input=False, **extra):
+def _saelens_jumprelu(case, mode, ste_to_input=False, dead=None, **extra):
     """SAELens's own JumpReLU training SAE holding the same weights, and its loss's gradients."""
     sae_lens = pytest.importorskip("sae_lens")
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
@@ -155,7 +155,7 @@ def _saelens_jumprelu(case, mode, ste_to_input=False, **extra):
             getattr(theirs, name).copy_(torch.tensor(v))
     theirs.threshold = torch.nn.Parameter(torch.tensor(theta))         # float64, like ours here
     out = theirs.training_forward_pass(TrainStepInput(sae_in=torch.tensor(x), coefficients={"l0": lam},
-                                                      dead_neuron_mask=None, n_training_steps=0,
+                                                      dead_neuron_mask=dead, n_training_steps=0,
                                                       is_logging_step=False))
     out.loss.backward()
     assert sae_lens is not None
@@ -187,15 +187,45 @@ def test_variants_equal_saelens_on_the_same_weights(variant):
         np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.parametrize("pre_act_coeff", [0.0, 0.3], ids=["tanh", "tanh-pre-act"])
+def test_tanh_with_free_decoder_rows_equals_saelens(pre_act_coeff):
+    """sae.decoder_norm > 0 with the tanh loss: the penalty (and the pre-activation loss) weigh each code
+    by its row's norm, as SAELens's do, so that every gradient, W_dec's along its rows included,
+    is SAELens's on the same weights with rows far from unit norm."""
+    x, W_enc, b_enc, theta, W_dec, b_dec, lam = near_threshold_case(9)
+    norms = np.linspace(0.3, 2.0, W_dec.shape[0])
+    case = (x, W_enc, b_enc, theta, (W_dec * norms[:, None]).astype(np.float32).astype(np.float64), b_dec, lam)
+    dead = torch.zeros(W_enc.shape[1], dtype=torch.bool)
+    dead[[0, 3, 7]] = True
+    extra = dict(jumprelu_tanh_scale=3.0) | (dict(pre_act_loss_coefficient=pre_act_coeff) if pre_act_coeff else {})
+    loss, want = _saelens_jumprelu(case, "tanh", dead=dead, **extra)
+    sae, xt, _ = _sae(case, sparsity_loss="tanh", tanh_scale=3.0, pre_act_coeff=pre_act_coeff)
+    sae.unit_norm_decoder = False
+    assert sae.can_free_decoder()
+    out = sae.training_loss(xt, lam, "reference", dead=dead)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(loss, rel=1e-12)
+    for name, g in _grads(sae).items():
+        np.testing.assert_allclose(g.numpy(), want[name].numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
+    # the saved SAE (unit-norm rows, float32 tensors) has the same loss: the fold leaves each code times
+    # its norm alone
+    saved = JumpReLUSAE.from_tensors(**{k: v.detach() for k, v in sae.export_tensors().items()},
+                                     bandwidth=EPS, sparsity_loss="tanh", tanh_scale=3.0,
+                                     pre_act_coeff=pre_act_coeff).double()
+    assert saved.training_loss(xt, lam, "reference", dead=dead).loss.item() == pytest.approx(loss, rel=1e-6)
+
+
 def _perpendicular(grad, W_dec):
     rows = W_dec.detach() / W_dec.detach().norm(dim=1, keepdim=True)
     return grad - (grad * rows).sum(1, keepdim=True) * rows
 
 
-def test_saelens_step_recipe_in_our_trainer_trains_as_saelens_own_trainer():
+@pytest.mark.parametrize("mode", ["step", "tanh"])
+def test_saelens_step_recipe_in_our_trainer_trains_as_saelens_own_trainer(mode):
     """SAELens's JumpReLU step recipe written as our config (conf/quality_recipes_free_decoder.yaml's
-    saelens_exact, on data whose scale is 1 so that no unit converts): from the same initial weights on
-    the same batches, our Member and SAELens's SAETrainer make the same 40 Adam steps."""
+    saelens_exact, on data whose scale is 1 so that no unit converts), and its tanh recipe the same way
+    (conf/sae/jumprelu_tanh_fast.yaml): from the same initial weights on the same batches, our Member and
+    SAELens's SAETrainer make the same 40 Adam steps."""
     pytest.importorskip("sae_lens")
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
@@ -206,13 +236,15 @@ def test_saelens_step_recipe_in_our_trainer_trains_as_saelens_own_trainer():
     gen = torch.Generator().manual_seed(11)
     batches = [torch.randn(batch, d, generator=gen) * torch.linspace(0.2, 0.5, d) + 0.3 for _ in range(steps)]
     sae_cfg = SAEConfig(width=width, sparsity_coeff=lam, decoder_norm=0.1, theta_init=0.01, bandwidth=0.05,
-                        b_dec_to_input=True)
+                        b_dec_to_input=True, sparsity_loss="l0" if mode == "step" else "tanh", tanh_scale=4.0)
     optim = OptimConfig(lr=lr, beta1=0.9, grad_clip_norm=1.0, lr_warmup_steps=0, lambda_warmup_steps=0)
     cfg = OmegaConf.create({"sae": OmegaConf.structured(sae_cfg), "optim": OmegaConf.structured(optim),
                             "train": {"seed": 0, "dead_window_tokens": 1000, "dense_fraction": 0.1}})
     ours = Member("m", "/tmp/unused", cfg, d, steps, "cpu", "reference")
     theirs = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d, d_sae=width, l0_coefficient=lam,
-                                                           jumprelu_init_threshold=0.01, jumprelu_bandwidth=0.05))
+                                                           jumprelu_init_threshold=0.01, jumprelu_bandwidth=0.05,
+                                                           jumprelu_sparsity_loss_mode=mode,
+                                                           jumprelu_tanh_scale=4.0))
     names = {"W_enc": "W_enc", "b_enc": "b_enc", "W_dec": "W_dec", "b_dec": "b_dec", "threshold": "raw_threshold"}
     with torch.no_grad():
         for theirs_name, ours_name in names.items():

@@ -29,15 +29,34 @@ def _label(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def preset_files(group: str, name: str) -> list[Path]:
+    """conf/<group>/<name>.yaml and the presets of the same group it extends through its defaults
+    list (as Hydra reads it), the ones it extends first; [] where there is no such file."""
+    path = CONF / group / f"{name}.yaml"
+    if not path.exists():
+        return []
+    files = []
+    for entry in OmegaConf.load(path).get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_":
+            files += preset_files(group, entry)        # the schema (sae_schema) is no file: skipped
+    return files + [path]
+
+
+def _preset(group: str, schema, name: str):
+    cfg = OmegaConf.structured(schema)
+    for path in preset_files(group, name):
+        preset_cfg = OmegaConf.load(path)
+        preset_cfg.pop("defaults", None)
+        cfg = OmegaConf.merge(cfg, preset_cfg)
+    return cfg
+
+
 def sae_preset(name: str):
     """conf/sae/<name>.yaml on the schema's defaults: what `sae=<name>` gives."""
     from .config import SAEConfig
-    path = CONF / "sae" / f"{name}.yaml"
-    if not path.exists():
-        raise ValueError(f"sweep preset {name!r}: no {path}")
-    preset_cfg = OmegaConf.load(path)
-    preset_cfg.pop("defaults", None)
-    return OmegaConf.merge(OmegaConf.structured(SAEConfig), preset_cfg)
+    if not preset_files("sae", name):
+        raise ValueError(f"sweep preset {name!r}: no {CONF / 'sae' / f'{name}.yaml'}")
+    return _preset("sae", SAEConfig, name)
 
 
 def optim_preset(name: str):
@@ -45,9 +64,7 @@ def optim_preset(name: str):
     `sae=<name>` gives the optim section (conf/train.yaml: `optional optim: ${sae}`); the schema's
     alone where the preset has none."""
     from .config import OptimConfig
-    path = CONF / "optim" / f"{name}.yaml"
-    schema = OmegaConf.structured(OptimConfig)
-    return OmegaConf.merge(schema, OmegaConf.load(path)) if path.exists() else schema
+    return _preset("optim", OptimConfig, name)
 
 
 def _base_preset_name(sae) -> str:

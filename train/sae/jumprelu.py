@@ -5,13 +5,14 @@ straight-through estimators (STE), with the sparsity losses of the papers and th
 - `quadratic` (Gemma Scope 2): lambda * mean_b (2 / T) (L0_b - T)^2, a penalty toward the target
   L0 T = `target_l0` through the same STE (per-token coefficient);
 - `l1`: lambda * mean_b sum_i f_bi (the ablation's L1 arm);
-- `tanh` (Anthropic): lambda * mean_b sum_i tanh(c f_bi), c = `tanh_scale` (decoder rows have unit norm).
+- `tanh` (Anthropic): lambda * mean_b sum_i tanh(c f_bi |W_dec_i|), c = `tanh_scale` (|W_dec_i| = 1 unless
+  `decoder_norm` leaves the rows free).
 
 `l0` and `quadratic` go through `kernels.jumprelu_sae` (Triton on CUDA); `l1` and `tanh` through
 autograd with `JumpReLUFunction`. Options, any loss:
 - `ste_to_input` (Anthropic): the STE also passes gradient to the pre-activations;
 - `pre_act_coeff` (Anthropic, on dead latents only as SAELens does): + coeff * mean_b sum_{i dead}
-  relu(theta_i - pre_bi), pulling latents that never fire toward their thresholds;
+  relu(theta_i - pre_bi) |W_dec_i|, pulling latents that never fire toward their thresholds;
 - `frequency_coeff`, `frequency_target` (a penalty on latents that fire too often, in the spirit of
   Gemma Scope 2's; its exact form is not published: ours is coeff * sum_i relu(p_i - target)^2 with
   p_i the latent's firing rate in the batch, through the STE);
@@ -126,7 +127,13 @@ class JumpReLUSAE(SparseAutoencoder):
         return self.raw_threshold if self.theta_parametrisation == "raw" else self.log_threshold.exp()
 
     def can_free_decoder(self):
-        return self.sparsity_loss in ("l0", "quadratic")
+        # tanh and the pre-activation loss see each latent's code times |W_dec_i| (Anthropic's and
+        # SAELens's form), which the fold into unit-norm rows leaves unchanged
+        return self.sparsity_loss in ("l0", "quadratic", "tanh")
+
+    def _row_norms(self) -> torch.Tensor | None:
+        """|W_dec_i| where the decoder's rows are free; None where they have unit norm."""
+        return None if self.unit_norm_decoder else self.W_dec.norm(dim=1)
 
     def threshold_parameters(self):
         return [self.raw_threshold if self.theta_parametrisation == "raw" else self.log_threshold]
@@ -168,7 +175,11 @@ class JumpReLUSAE(SparseAutoencoder):
         if self.pre_act_coeff > 0 and dead is not None and bool(dead.any()):
             idx = dead.nonzero().squeeze(1)
             pre_dead = x @ self.W_enc[:, idx] + self.encoder_bias[idx]
-            loss = loss + self.pre_act_coeff * torch.relu(self.threshold[idx] - pre_dead).sum(-1).mean()
+            gap = torch.relu(self.threshold[idx] - pre_dead)
+            norms = self._row_norms()
+            if norms is not None:
+                gap = gap * norms[idx]
+            loss = loss + self.pre_act_coeff * gap.sum(-1).mean()
         return StepOutput(loss, mse, l0, firings)
 
     def _sparsity(self, lam, l0_tokens, fire_counts, batch):
@@ -208,7 +219,9 @@ class JumpReLUSAE(SparseAutoencoder):
             # (abs() would give 0 there and drop the L1 term from the threshold's STE gradient)
             penalty = lam * f.sum(-1).mean()
         elif self.sparsity_loss == "tanh":
-            penalty = lam * torch.tanh(self.tanh_scale * f).sum(-1).mean()
+            norms = self._row_norms()
+            code = f if norms is None else f * norms
+            penalty = lam * torch.tanh(self.tanh_scale * code).sum(-1).mean()
         else:
             penalty = 0.0
         if self.sparsity_loss == "quadratic" or self.frequency_coeff > 0:
