@@ -22,6 +22,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from .config import AblationConfig, register_configs
+from .equal_l0 import MAX_L0_GAP, comparison_l0s, covers, finite as _finite, frontier
 from .errors import EvalInputError, clear_errors
 from .report import json_safe
 from .run_eval import print_summary, run_evaluation
@@ -93,18 +94,13 @@ def train_sweep(cfg: AblationConfig) -> None:
 
 
 def _frontier(rows: list[dict], label: str, metric: str):
-    pts = sorted((r["l0"], r[metric]) for r in rows if r["architecture"] == label
-                 and _finite(r.get(metric)) and _finite(r.get("l0")) and r["l0"] > 0)
-    return np.log([p[0] for p in pts]), np.array([p[1] for p in pts])
+    return frontier(rows, "architecture", label, metric)
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def compare_at_equal_l0(rows: list[dict], n_points: int = 3, questions=QUESTIONS, metrics=METRICS) -> list[dict]:
-    """For each question (arm a, arm b, text): both arms' metric at L0 values inside both frontiers
-    (log-L0 interpolation); rows name their arm under "architecture". Metrics no SAE has (delta LM
+def compare_at_equal_l0(rows: list[dict], questions=QUESTIONS, metrics=METRICS) -> list[dict]:
+    """For each question (arm a, arm b, text): both arms' metric at the L0 of each of their SAEs inside
+    both frontiers (log-L0 interpolation, only where both sweeps cover the L0: evaluate/equal_l0.py);
+    rows name their arm under "architecture". Metrics no SAE has (delta LM
     loss on a cache without a model) are left out."""
     out = []
     metrics = [(m, n) for m, n in metrics if any(_finite(r.get(m)) for r in rows)]
@@ -121,12 +117,17 @@ def compare_at_equal_l0(rows: list[dict], n_points: int = 3, questions=QUESTIONS
                     entry["note"] = (f"L0 ranges do not overlap ({a}: {math.exp(xa[0]):.3g}-{math.exp(xa[-1]):.3g}, "
                                      f"{b}: {math.exp(xb[0]):.3g}-{math.exp(xb[-1]):.3g}); widen the levels")
                 else:
-                    for x in np.linspace(lo, hi, n_points if hi > lo else 1):
+                    for x in comparison_l0s([xa, xb], lo, hi):
+                        if not (covers(xa, x) and covers(xb, x)):
+                            continue            # in a gap of a sweep (MAX_L0_GAP)
                         va, vb = float(np.interp(x, xa, ya)), float(np.interp(x, xb, yb))
                         # a relative difference means something only against a positive baseline
                         # (delta CE can be zero or negative: noise around an unchanged loss)
                         entry["points"].append({"l0": float(math.exp(x)), a: va, b: vb, "difference": va - vb,
                                                 "relative": (va - vb) / vb if vb > 0 else None})
+                    if not entry["points"]:
+                        entry["note"] = (f"no L0 where both sweeps have SAEs at most {MAX_L0_GAP:g}x apart; "
+                                         "add levels")
             out.append(entry)
     return out
 

@@ -41,13 +41,13 @@ def load_arms(run_dirs: list) -> list[dict]:
     return rows
 
 
-def against_baseline(rows: list[dict], arm: str, baseline: str, metric: str, n_points: int = 5) -> dict:
+def against_baseline(rows: list[dict], arm: str, baseline: str, metric: str) -> dict:
     """Mean relative difference of `arm` from `baseline` at L0 values both reach (the ablation's
     equal-L0 comparison, evaluate/ablation.py), signed so that positive means the arm is better;
     None where the L0 ranges do not overlap or the baseline is not positive."""
     from evaluate.ablation import compare_at_equal_l0
     labelled = [{**r, "architecture": r["arm"]} for r in rows]
-    (entry,) = compare_at_equal_l0(labelled, n_points=n_points, questions=[(arm, baseline, "")],
+    (entry,) = compare_at_equal_l0(labelled, questions=[(arm, baseline, "")],
                                    metrics=[(metric, METRICS[metric][0])])
     rel = [p["relative"] for p in entry["points"]]
     if not rel or any(r is None for r in rel):

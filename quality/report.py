@@ -7,37 +7,21 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluate.equal_l0 import MAX_L0_GAP, comparison_l0s, covers, finite as _finite, frontier
+
 # metric -> (title, higher is better)
 METRICS = {"fvu": ("FVU", False), "recovered": ("true features recovered", True),
            "mmcs": ("MMCS", True), "alive": ("alive latents", True), "delta_ce": ("delta LM loss", False)}
 TRAINERS = ("ours", "saelens")
-# An arm's frontier is interpolated only between its SAEs at most this factor apart in L0: across a
-# wider gap of its sweep a straight line in log L0 says little about the SAE a level there would give.
-MAX_L0_GAP = 4.0
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _curve(rows, arm, metric):
-    pts = sorted((r["l0"], r[metric]) for r in rows if r["arm"] == arm and _finite(r.get(metric)) and r["l0"] > 0)
-    return np.log([p[0] for p in pts]), np.array([p[1] for p in pts], dtype=float)
+    return frontier(rows, "arm", arm, metric)
 
 
-def _covers(cx, x: float) -> bool:
-    """Whether log-L0 x is one of the arm's SAEs or lies between two of them at most MAX_L0_GAP apart."""
-    if not len(cx) or x < cx[0] - 1e-9 or x > cx[-1] + 1e-9:
-        return False
-    if np.min(np.abs(cx - x)) <= 1e-9:
-        return True
-    j = int(np.searchsorted(cx, x))
-    return cx[j] - cx[j - 1] <= math.log(MAX_L0_GAP) + 1e-12
-
-
-def best_at_equal_l0(rows: list[dict], metric: str, n_points: int = 5) -> dict:
-    """Per trainer, the best arm's interpolated metric at L0 values every trainer reaches (each arm
-    only where its sweep covers that L0, MAX_L0_GAP)."""
+def best_at_equal_l0(rows: list[dict], metric: str) -> dict:
+    """Per trainer, the best arm's interpolated metric at the L0 of every SAE that all trainers reach
+    (each arm only where its sweep covers that L0, MAX_L0_GAP)."""
     higher = METRICS[metric][1]
     arms = {t: sorted({r["arm"] for r in rows if r["trainer"] == t and _finite(r.get(metric))}) for t in TRAINERS}
     curves = {t: {a: _curve(rows, a, metric) for a in arms[t]} for t in TRAINERS}
@@ -49,10 +33,10 @@ def best_at_equal_l0(rows: list[dict], metric: str, n_points: int = 5) -> dict:
     if lo > hi:
         return {"metric": metric, "points": [], "note": "the trainers' L0 ranges do not overlap"}
     points = []
-    for x in np.linspace(lo, hi, n_points if hi > lo else 1):
+    for x in comparison_l0s([c[0] for t in TRAINERS for c in curves[t].values()], lo, hi):
         point = {"l0": float(math.exp(x))}
         for t in TRAINERS:
-            cands = [(float(np.interp(x, cx, cy)), a) for a, (cx, cy) in curves[t].items() if _covers(cx, x)]
+            cands = [(float(np.interp(x, cx, cy)), a) for a, (cx, cy) in curves[t].items() if covers(cx, x)]
             if cands:               # none where this L0 falls in a gap of every arm of a trainer
                 point[t], point[f"{t}_arm"] = (max if higher else min)(cands)
         if not all(t in point for t in TRAINERS):
@@ -97,9 +81,9 @@ def frontier_plot(rows: list[dict], title: str, path: Path) -> Path:
 def write_report(results: dict, out: Path) -> Path:
     lines = ["# SAE quality: ours against SAELens, same data", "",
              "Every SAE of a cache and budget saw the same rows in the same order; scores on the same held-out",
-             "sequences. Best of each trainer at equal L0: each arm's frontier interpolated in log L0, the best",
-             "arm of each trainer at each L0 that both reach (an arm only between SAEs of its sweep at most",
-             f"{MAX_L0_GAP:g}x apart in L0).", ""]
+             "sequences. Best of each trainer at equal L0: at the L0 of each SAE that both trainers reach, each",
+             "arm's frontier interpolated in log L0 (an arm only between SAEs of its sweep at most",
+             f"{MAX_L0_GAP:g}x apart in L0), the best arm of each trainer.", ""]
     columns = ["arm", "level", "l0", "fvu", "recovered", "mmcs", "alive", "dead_fraction", "delta_ce", "ms_per_step"]
     for run in results["runs"]:
         cache, budget, rows = run["cache"], run["budget"], run["rows"]

@@ -80,7 +80,7 @@ def arm_comparisons(rows: list[dict], arms: list[str]) -> list[dict]:
     labelled = [{**r, "architecture": r["arm"],
                  **({"missed": 1.0 - r["recovered"]} if r.get("recovered") is not None else {})} for r in rows]
     questions = [(a, "none", f"{a} against none") for a in arms if a != "none"]
-    return compare_at_equal_l0(labelled, n_points=3, questions=questions, metrics=METRICS)
+    return compare_at_equal_l0(labelled, questions=questions, metrics=METRICS)
 
 
 def _none_rows(rows: list[dict]) -> list:

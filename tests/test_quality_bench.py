@@ -216,17 +216,16 @@ def test_recipe_report_compares_arms_at_equal_l0(tmp_path):
 
 
 def test_best_at_equal_l0_skips_gaps_between_a_trainers_arms():
-    """Best arm per trainer at each L0; an L0 between two arms' ranges (no arm of ours reaches it) is
-    left out instead of failing, and the rest name the arm that is best there."""
+    """Best arm per trainer at the L0 of each SAE; an L0 between two arms' ranges (no arm of ours
+    reaches it) is left out instead of failing, and the rest name the arm that is best there."""
     from quality.report import best_at_equal_l0
     rows = ([{"arm": "a", "trainer": "ours", "l0": l, "fvu": 0.1} for l in (1, 2)] +
             [{"arm": "b", "trainer": "ours", "l0": l, "fvu": 0.3} for l in (4, 8)] +
-            [{"arm": "s", "trainer": "saelens", "l0": l, "fvu": 0.2} for l in (1, 2, 4, 8)])
-    got = best_at_equal_l0(rows, "fvu", n_points=4)          # L0 1, 2, 4, 8: all covered
-    assert [p["ours_arm"] for p in got["points"]] == ["a", "a", "b", "b"]
-    got = best_at_equal_l0(rows, "fvu", n_points=7)          # 1.41 and 2.83 ... 5.66: 2.83 falls in the gap
-    l0s = [round(p["l0"], 2) for p in got["points"]]
-    assert 2.83 not in l0s and len(l0s) == 6
+            [{"arm": "s", "trainer": "saelens", "l0": l, "fvu": 0.2} for l in (1, 1.5, 3, 4, 6, 8)])
+    got = best_at_equal_l0(rows, "fvu")
+    # 3 lies between a's and b's ranges: left out
+    assert [round(p["l0"], 2) for p in got["points"]] == [1, 1.5, 2, 4, 6, 8]
+    assert [p["ours_arm"] for p in got["points"]] == ["a", "a", "a", "b", "b", "b"]
     assert all(p["ours_better"] == (p["ours_arm"] == "a") for p in got["points"])
 
 
@@ -237,7 +236,8 @@ def test_best_at_equal_l0_does_not_interpolate_across_a_wide_gap_of_a_sweep():
     gap = MAX_L0_GAP * 1.5
     rows = ([{"arm": "o", "trainer": "ours", "l0": l, "fvu": 0.5 / l} for l in (1, 2, 4, gap)] +
             [{"arm": "s", "trainer": "saelens", "l0": l, "fvu": 0.4 / l} for l in (1, gap)])
-    got = best_at_equal_l0(rows, "fvu", n_points=5)
+    got = best_at_equal_l0(rows, "fvu")
     assert [round(p["l0"], 3) for p in got["points"]] == [1, round(gap, 3)]     # only where s has SAEs
     rows += [{"arm": "s", "trainer": "saelens", "l0": l, "fvu": 0.4 / l} for l in (2, 4)]
-    assert len(best_at_equal_l0(rows, "fvu", n_points=5)["points"]) == 5
+    assert len(best_at_equal_l0(rows, "fvu")["points"]) == 4
+    assert all(p["ours"] == pytest.approx(1.25 * p["saelens"]) for p in best_at_equal_l0(rows, "fvu")["points"])
