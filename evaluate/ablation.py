@@ -93,10 +93,6 @@ def train_sweep(cfg: AblationConfig) -> None:
         raise SystemExit(f"[ablation] the sweep failed (exit {done.returncode}); see its output above")
 
 
-def _frontier(rows: list[dict], label: str, metric: str):
-    return frontier(rows, "architecture", label, metric)
-
-
 def compare_at_equal_l0(rows: list[dict], questions=QUESTIONS, metrics=METRICS) -> list[dict]:
     """For each question (arm a, arm b, text): both arms' metric at the L0 of each of their SAEs inside
     both frontiers (log-L0 interpolation, only where both sweeps cover the L0: evaluate/equal_l0.py);
@@ -106,8 +102,8 @@ def compare_at_equal_l0(rows: list[dict], questions=QUESTIONS, metrics=METRICS) 
     metrics = [(m, n) for m, n in metrics if any(_finite(r.get(m)) for r in rows)]
     for a, b, question in questions:
         for metric, metric_name in metrics:
-            xa, ya = _frontier(rows, a, metric)
-            xb, yb = _frontier(rows, b, metric)
+            xa, ya = frontier(rows, "architecture", a, metric)
+            xb, yb = frontier(rows, "architecture", b, metric)
             entry = {"question": question, "a": a, "b": b, "metric": metric, "points": []}
             if len(xa) == 0 or len(xb) == 0:
                 entry["note"] = f"no {metric_name} for {a if len(xa) == 0 else b}"

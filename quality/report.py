@@ -15,16 +15,12 @@ METRICS = {"fvu": ("FVU", False), "recovered": ("true features recovered", True)
 TRAINERS = ("ours", "saelens")
 
 
-def _curve(rows, arm, metric):
-    return frontier(rows, "arm", arm, metric)
-
-
 def best_at_equal_l0(rows: list[dict], metric: str) -> dict:
     """Per trainer, the best arm's interpolated metric at the L0 of every SAE that all trainers reach
     (each arm only where its sweep covers that L0, MAX_L0_GAP)."""
     higher = METRICS[metric][1]
     arms = {t: sorted({r["arm"] for r in rows if r["trainer"] == t and _finite(r.get(metric))}) for t in TRAINERS}
-    curves = {t: {a: _curve(rows, a, metric) for a in arms[t]} for t in TRAINERS}
+    curves = {t: {a: frontier(rows, "arm", a, metric) for a in arms[t]} for t in TRAINERS}
     spans = {t: [(c[0][0], c[0][-1]) for c in curves[t].values() if len(c[0])] for t in TRAINERS}
     if not all(spans[t] for t in TRAINERS):
         return {"metric": metric, "points": [], "note": "a trainer has no SAE with this metric"}

@@ -221,10 +221,10 @@ def _perpendicular(grad, W_dec):
 
 
 @pytest.mark.parametrize("mode", ["step", "tanh"])
-def test_saelens_step_recipe_in_our_trainer_trains_as_saelens_own_trainer(mode):
+def test_saelens_recipe_in_our_trainer_trains_as_saelens_own_trainer(mode):
     """SAELens's JumpReLU step recipe written as our config (conf/quality_recipes_free_decoder.yaml's
     saelens_exact, on data whose scale is 1 so that no unit converts), and its tanh recipe the same way
-    (conf/sae/jumprelu_tanh_fast.yaml): from the same initial weights on the same batches, our Member and
+    (conf/sae/jumprelu_tanh_saelens.yaml): from the same initial weights on the same batches, our Member and
     SAELens's SAETrainer make the same 40 Adam steps."""
     pytest.importorskip("sae_lens")
     from sae_lens.config import SAETrainerConfig

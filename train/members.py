@@ -54,8 +54,9 @@ def _preset(group: str, schema, name: str):
 def sae_preset(name: str):
     """conf/sae/<name>.yaml on the schema's defaults: what `sae=<name>` gives."""
     from .config import SAEConfig
-    if not preset_files("sae", name):
-        raise ValueError(f"sweep preset {name!r}: no {CONF / 'sae' / f'{name}.yaml'}")
+    path = CONF / "sae" / f"{name}.yaml"
+    if not path.exists():
+        raise ValueError(f"sweep preset {name!r}: no {path}")
     return _preset("sae", SAEConfig, name)
 
 
