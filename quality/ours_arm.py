@@ -32,17 +32,16 @@ def sweep_members(arms) -> list[dict]:
     members = []
     for arm in arms:
         for level in arm.levels:
-            sae, optim = {}, {}
+            sections = {"sae": {}, "optim": {}, "train": {}}
             for key, value in arm.overrides.items():
                 section, _, field = key.partition(".")
-                if section not in ("sae", "optim") or not field:
-                    raise ValueError(f"arm {arm.name}: override {key!r} must be sae.<field> or optim.<field>")
-                (sae if section == "sae" else optim)[field] = value
-            value = int(level) if arm.knob == "k" else float(level)
-            sae[arm.knob] = value
-            member = {"preset": arm.preset, "name": member_name(arm.name, level), "sae": sae}
-            if optim:
-                member["optim"] = optim
+                if section not in sections or not field:
+                    raise ValueError(f"arm {arm.name}: override {key!r} must be sae.<field>, optim.<field> or "
+                                     "train.<field> (a member's own)")
+                sections[section][field] = value
+            sections["sae"][arm.knob] = int(level) if arm.knob == "k" else float(level)
+            member = {"preset": arm.preset, "name": member_name(arm.name, level)}
+            member.update({k: v for k, v in sections.items() if v or k == "sae"})
             members.append(member)
     return members
 

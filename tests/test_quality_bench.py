@@ -83,6 +83,18 @@ def test_every_trainer_sees_the_batches_the_trainer_loop_serves(tmp_path):
         assert torch.equal(next(batches), loop.next_batch().to(torch.float32))
 
 
+def test_arm_overrides_become_the_members_sections():
+    from quality.ours_arm import sweep_members
+    arm = Arm(name="pre_act", trainer="ours", preset="jumprelu", knob="sparsity_coeff", levels=[0.01, 0.1],
+              overrides={"sae.pre_act_coeff": 3e-4, "train.dead_window_tokens": 1e6, "optim.beta1": 0.0})
+    members = sweep_members([arm])
+    assert members[1] == {"preset": "jumprelu", "name": "pre_act@0.1", "sae": {"pre_act_coeff": 3e-4, "sparsity_coeff": 0.1},
+                          "optim": {"beta1": 0.0}, "train": {"dead_window_tokens": 1e6}}
+    with pytest.raises(ValueError, match="loader.batch_size"):
+        sweep_members([Arm(name="bad", trainer="ours", preset="jumprelu", knob="k", levels=[2],
+                           overrides={"loader.batch_size": 8})])
+
+
 def test_benchmark_end_to_end_with_saelens(tmp_path):
     pytest.importorskip("sae_lens")
     from quality.bench import run_quality

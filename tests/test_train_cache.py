@@ -36,6 +36,11 @@ def test_complete_flags_and_statistics(cache):
     assert src.width == 6 and src.n_sequences == 16 and src.storage_dtype == "bfloat16"
     est = src.estimate_mean_squared_norm()
     assert est == pytest.approx(src.mean_squared_norm, rel=1e-6)   # same non-BOS rows of complete chunks
+    # the median token norm (sae.constants_unit=median_norm): the sample is every complete chunk here
+    rows = np.concatenate([src.read_rows(32 * c, 32 * c + 32).float().numpy() for c in (0, 2, 3)])
+    rows = rows[np.arange(len(rows)) % 8 != 0]
+    assert src.estimate_median_norm() == pytest.approx(np.median(np.linalg.norm(rows.astype(np.float64), axis=1)),
+                                                       rel=1e-12)
 
 
 def test_newer_format_version_is_refused(tmp_path):

@@ -141,6 +141,47 @@ def test_architecture_sweep_uses_presets(cache, tmp_path):
     assert load_sae(tmp_path / "abl" / "relu")[1]["hyperparameters_train"]["sae"]["sparsity_coeff"] == 3e-3
 
 
+def test_median_norm_constants_are_the_constants_scaled_by_the_measured_median(cache, tmp_path):
+    """sae.constants_unit=median_norm trains exactly as the rms unit with theta_init, bandwidth,
+    threshold_lr and optim.bias_lr_scale multiplied by the median token norm (normalised) that sae.json
+    records, and optim.grad_clip_norm by its square."""
+    run_training(make_cfg(cache, tmp_path / "median", "sae.constants_unit=median_norm"), single=True)
+    meta = json.loads((tmp_path / "median" / "sae.json").read_text())
+    r = meta["normalisation"]["median_norm"]
+    assert 0.3 < r < 1.2 and r != 1.0
+    # kept in the checkpoint: a resumed run keeps the unit it started with
+    assert torch.load(tmp_path / "median" / "checkpoint.pt", weights_only=False)["median_norm"] == r
+    sae, optim = meta["hyperparameters_train"]["sae"], meta["hyperparameters_train"]["optim"]
+    assert sae["constants_unit"] == "median_norm" and sae["bandwidth"] == 0.016      # as configured, not scaled
+    by_hand = [f"sae.{k}={sae[k] * r!r}" for k in ("theta_init", "bandwidth", "threshold_lr")]
+    by_hand += [f"optim.bias_lr_scale={optim['bias_lr_scale'] * r!r}",
+                f"optim.grad_clip_norm={optim['grad_clip_norm'] * r * r!r}"]
+    run_training(make_cfg(cache, tmp_path / "by_hand", *by_hand), single=True)
+    assert weights_bytes(tmp_path / "median") == weights_bytes(tmp_path / "by_hand")
+    assert "median_norm" not in json.loads((tmp_path / "by_hand" / "sae.json").read_text())["normalisation"]
+    run_training(make_cfg(cache, tmp_path / "rms"), single=True)
+    assert weights_bytes(tmp_path / "rms") != weights_bytes(tmp_path / "median")
+
+
+def test_members_set_their_own_dead_window_and_nothing_else_of_train(cache, tmp_path):
+    """A member's own train.dead_window_tokens: the dead latents its pre-activation loss pulls (thresholds
+    start above every pre-activation; the sweep's window of 1e7 tokens sees none dead in this run)."""
+    members = ("[{name:short_window,sae:{pre_act_coeff:1e-3},train:{dead_window_tokens:64}},"
+               "{name:sweep_window,sae:{pre_act_coeff:1e-3}},{name:no_pre_act}]")
+    run_training(make_cfg(cache, tmp_path / "s", "sweep=none", f"sweep.members={members}", "sae.theta_init=3",
+                          sweep=True), single=False)
+    train_of = {n: json.loads((tmp_path / "s" / n / "sae.json").read_text())["hyperparameters_train"]["train"]
+                for n in ("short_window", "sweep_window")}
+    assert train_of["short_window"]["dead_window_tokens"] == 64 and train_of["sweep_window"]["dead_window_tokens"] == 1e7
+    assert weights_bytes(tmp_path / "s" / "sweep_window") == weights_bytes(tmp_path / "s" / "no_pre_act")
+    assert weights_bytes(tmp_path / "s" / "short_window") != weights_bytes(tmp_path / "s" / "no_pre_act")
+    with pytest.raises(ValueError, match="lock-step"):
+        run_training(make_cfg(cache, tmp_path / "bad", "sweep=none", "sweep.members=[{train:{total_tokens:64}}]",
+                              sweep=True),
+                     single=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
     x, _, _ = sparse_feature_activations(16 * 48, 8, 12, 2, seed=2)
     x[32 * 20:32 * 21] = 1e30                 # chunk 20 overflows float32 once squared

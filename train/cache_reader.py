@@ -220,19 +220,27 @@ class ActivationArray:
     def read_rows(self, start: int, stop: int) -> torch.Tensor:
         return self.as_tensor(self.array[start:stop])
 
-    def estimate_mean_squared_norm(self, max_chunks: int = 16, seed: int = 0) -> float:
-        """Mean ||x||^2 over non-BOS rows of a sample of complete chunks (when the attribute is absent)."""
+    def _sample_rows(self, max_chunks: int, seed: int):
+        """The non-BOS rows of a random sample of complete chunks, a chunk at a time (float64)."""
         done = np.flatnonzero(self.complete)
         if len(done) == 0:
             raise CacheError(f"{self.name}: no complete chunk to estimate statistics from")
-        pick = np.random.default_rng(seed).permutation(done)[:max_chunks]
+        keep = torch.arange(self.chunk_rows) % self.context_length != 0
+        for c in np.random.default_rng(seed).permutation(done)[:max_chunks]:
+            yield self.read_chunk(int(c)).double()[keep]
+
+    def estimate_mean_squared_norm(self, max_chunks: int = 16, seed: int = 0) -> float:
+        """Mean ||x||^2 over non-BOS rows of a sample of complete chunks (when the attribute is absent)."""
         total, count = 0.0, 0
-        for c in pick:
-            x = self.read_chunk(int(c)).double()
-            keep = torch.arange(self.chunk_rows) % self.context_length != 0
-            total += x[keep].pow(2).sum().item()
-            count += int(keep.sum())
+        for x in self._sample_rows(max_chunks, seed):
+            total += x.pow(2).sum().item()
+            count += x.shape[0]
         return total / count
+
+    def estimate_median_norm(self, max_chunks: int = 4, seed: int = 0) -> float:
+        """Median ||x|| over non-BOS rows of a sample of complete chunks."""
+        norms = torch.cat([x.norm(dim=1) for x in self._sample_rows(max_chunks, seed)])
+        return float(norms.quantile(0.5))
 
 
 def open_activations(cache_path, layer: int, sublayer: str) -> ActivationArray:

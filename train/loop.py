@@ -20,6 +20,7 @@ from .cache_reader import (HELDOUT_RULE, CacheError, cache_identifier, complete_
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_states
 from .loader import ChunkLoader
 from .member import Member
+from .members import MEMBER_TRAIN_FIELDS
 from .metrics import MetricsLog
 from .run_folder import save_sae
 
@@ -62,7 +63,14 @@ def fingerprint(cfg, specs) -> dict:
             "loader": loader, "total_tokens": t.total_tokens, "seed": t.seed,
             "dead_window_tokens": t.dead_window_tokens, "latent_stats_every": t.latent_stats_every,
             "members": [[s.name, OmegaConf.to_container(s.cfg.sae), OmegaConf.to_container(s.cfg.optim)]
-                        for s in specs]}
+                        + _own_train_fields(s.cfg.train, t) for s in specs]}
+
+
+def _own_train_fields(member_train, train) -> list:
+    """[the member's own train.* fields] where they differ from the sweep's, else [] (so that checkpoints
+    written before members could set them still resume)."""
+    own = {k: member_train[k] for k in MEMBER_TRAIN_FIELDS if member_train[k] != train[k]}
+    return [own] if own else []
 
 
 def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_meta: dict | None = None):
@@ -117,7 +125,13 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
         print(f"[train] {int(t.total_tokens):,} tokens is {epochs:.2f} epochs of the {loader.rows_per_epoch:,} "
               "training tokens in the cache")
 
-    members = [Member(s.name, s.folder, s.cfg, source.width, total_steps, device, cfg.kernel_backend) for s in specs]
+    median_norm = ckpt.get("median_norm") if ckpt else None
+    if median_norm is None and any(s.cfg.sae.get("constants_unit", "rms") == "median_norm" for s in specs):
+        median_norm = source.estimate_median_norm() / scale
+        print(f"[train] median token norm {median_norm:.4g} (normalised): the unit of the constants of "
+              "members with sae.constants_unit=median_norm")
+    members = [Member(s.name, s.folder, s.cfg, source.width, total_steps, device, cfg.kernel_backend, median_norm)
+               for s in specs]
     start = 0
     if ckpt is not None:
         if ckpt.get("finished"):
@@ -135,7 +149,7 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
 
     def checkpoint(step, finished=False, final_metrics=None):
         save_checkpoint(checkpoint_path, {
-            "step": step, "fingerprint": fp, "mean_squared_norm": msn, "members": [m.state_dict() for m in members],
+            "step": step, "fingerprint": fp, "mean_squared_norm": msn, "median_norm": median_norm, "members": [m.state_dict() for m in members],
             "loader": loader.state_dict(), "finished": finished, "final_metrics": final_metrics})
         return step
 
@@ -200,6 +214,8 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
 
     meta_common = {**run_metadata(cfg, source, scale, msn, held, len(chunks), total_steps, epochs, device),
                    **(extra_meta or {})}
+    if median_norm is not None:
+        meta_common["normalisation"]["median_norm"] = median_norm
     final = {}
     for m, s in zip(members, specs):
         final[m.name] = metrics.get(m.name, {})
@@ -207,7 +223,7 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
                 "hyperparameters_train": {"sae": OmegaConf.to_container(s.cfg.sae),
                                           "optim": OmegaConf.to_container(s.cfg.optim),
                                           "loader": OmegaConf.to_container(cfg.loader),
-                                          "train": OmegaConf.to_container(cfg.train)},
+                                          "train": OmegaConf.to_container(s.cfg.train)},
                 "final_metrics": final[m.name]}
         save_sae(m.folder, m.sae.folded(scale).cpu(), meta)
     checkpoint(total_steps, finished=True, final_metrics=final)

@@ -11,9 +11,29 @@ from .optim import lambda_at, lr_at, make_optimizer, remove_parallel_grad, renor
 from .sae import build_sae
 
 
+def in_data_units(cfg, median_norm: float | None):
+    """The member's config with the constants of sae.constants_unit=median_norm (theta_init, bandwidth,
+    threshold_lr, optim.bias_lr_scale; optim.grad_clip_norm squared, as the weights' gradients go with the
+    data's square) multiplied by the median token norm in the normalised space; cfg itself otherwise."""
+    if cfg.sae.get("constants_unit", "rms") != "median_norm":
+        return cfg
+    if median_norm is None or not median_norm > 0:
+        raise ValueError(f"sae.constants_unit=median_norm needs the cache's median token norm, got {median_norm}")
+    r = float(median_norm)
+    cfg = cfg.copy()
+    for key in ("theta_init", "bandwidth", "threshold_lr"):
+        cfg.sae[key] = cfg.sae[key] * r
+    cfg.optim.bias_lr_scale = cfg.optim.bias_lr_scale * r
+    cfg.optim.grad_clip_norm = cfg.optim.grad_clip_norm * r * r
+    return cfg
+
+
 class Member:
-    def __init__(self, name: str, folder: Path, cfg, d_in: int, total_steps: int, device, backend: str):
-        """cfg: the member's resolved config (sae, optim, train sections)."""
+    def __init__(self, name: str, folder: Path, cfg, d_in: int, total_steps: int, device, backend: str,
+                 median_norm: float | None = None):
+        """cfg: the member's resolved config (sae, optim, train sections); median_norm: the median token
+        norm of the normalised data (for sae.constants_unit=median_norm)."""
+        cfg = in_data_units(cfg, median_norm)
         self.name, self.folder, self.cfg = name, Path(folder), cfg
         self.total_steps, self.backend = total_steps, backend
         generator = torch.Generator().manual_seed(int(cfg.train.seed))

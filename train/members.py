@@ -1,5 +1,5 @@
 """The members of a sweep: `sweep.grid` (a nested dict of lists: their product) crossed with
-`sweep.members` (a list of override dicts; `preset: <name>` starts from conf/sae/<name>.yaml and
+`sweep.members` (a list of override dicts of sae.*, optim.* and the member's own train.* fields; `preset: <name>` starts from conf/sae/<name>.yaml and
 conf/optim/<name>.yaml where there is one, as `sae=<name>` would, keeping the command line's sae.* and
 optim.* overrides, and `name:` names the member). A single run is a sweep of one member: the base config."""
 from __future__ import annotations
@@ -10,6 +10,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+# The train.* fields a member may set for itself: its own latent bookkeeping (the dead latents of the
+# pre-activation loss among them). The rest of train.* is the sweep's, shared in lock-step.
+MEMBER_TRAIN_FIELDS = ("dead_window_tokens", "dense_fraction")
 
 
 def _leaves(tree, prefix=()):
@@ -108,9 +113,14 @@ def member_configs(cfg) -> list[tuple[str, object]]:
     for over in explicit:
         over = dict(over)
         preset = over.pop("preset", None)
-        unknown = set(over) - {"sae", "optim", "name"}
+        unknown = set(over) - {"sae", "optim", "train", "name"}
         if unknown:
-            raise ValueError(f"sweep.members entry {over}: unknown keys {sorted(unknown)} (use preset, sae, optim, name)")
+            raise ValueError(f"sweep.members entry {over}: unknown keys {sorted(unknown)} (use preset, sae, optim, "
+                             "train, name)")
+        not_own = set(over.get("train", {})) - set(MEMBER_TRAIN_FIELDS)
+        if not_own:
+            raise ValueError(f"sweep.members entry {over}: train.{sorted(not_own)[0]} is the sweep's, shared by "
+                             f"its members in lock-step; a member sets only train.{' and train.'.join(MEMBER_TRAIN_FIELDS)}")
         if preset is not None:
             preset_sae = OmegaConf.merge(sae_preset(preset), cli["sae"])
             preset_optim = OmegaConf.merge(optim_preset(preset), cli["optim"])
@@ -136,7 +146,8 @@ def member_configs(cfg) -> list[tuple[str, object]]:
 
 CHOICES = {"architecture": ("jumprelu", "relu", "topk", "batchtopk", "gated"),
            "sparsity_loss": ("l0", "quadratic", "l1", "tanh"), "theta_parametrisation": ("raw", "log"),
-           "b_dec_init": ("zeros", "mean"), "threshold_grad_pool": ("none", "window", "ema")}
+           "b_dec_init": ("zeros", "mean"),
+           "threshold_grad_pool": ("none", "window", "ema"), "constants_unit": ("rms", "median_norm")}
 
 
 def check_member(name: str, m) -> None:
