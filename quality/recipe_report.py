@@ -1,7 +1,8 @@
 """`python -m quality.recipe_report RUN_DIR... --baseline ARM --out FILE.md`: one-change recipe arms
 against a baseline arm at equal L0, from the arm results that quality runs keep
 (`<out>/runs/<cache>/<budget>/arms/*.json`), merged over several runs of the same cache and budget
-(e.g. `make quality` and the recipe study, whose caches are generated from the same seeds);
+(e.g. `make quality` and the recipe study, whose caches are generated from the same seeds), or
+from a results.json (`RESULTS.json#cache/budget`: the kept docs/quality/results.json, say);
 `DIR:arm,arm` takes only some arms of a run (where two runs have an arm of the same name).
 
 Each arm's frontier is interpolated in log L0 (quality/report.py) at L0 values both it and the
@@ -23,22 +24,37 @@ def load_arms(run_dirs: list) -> list[dict]:
     """Every arm kept under each run dir; `DIR:arm,arm` takes only those arms from DIR."""
     rows, seen = [], set()
     for entry in run_dirs:
-        run_dir, _, only = str(entry).partition(":")
+        source, _, only = str(entry).partition(":")
         wanted = set(only.split(",")) if only else None
-        paths = sorted((Path(run_dir) / "arms").glob("*.json"))
-        missing = wanted - {p.stem for p in paths} if wanted else set()
+        found = _results_json_arms(source) if "#" in source else {
+            p.stem: json.loads(p.read_text())["rows"] for p in sorted((Path(source) / "arms").glob("*.json"))}
+        missing = wanted - set(found) if wanted else set()
         if missing:
-            raise FileNotFoundError(f"no results for arms {sorted(missing)} under {run_dir}/arms")
-        for path in paths:
-            if wanted is not None and path.stem not in wanted:
+            raise FileNotFoundError(f"no results for arms {sorted(missing)} in {source}")
+        for arm, arm_rows in found.items():
+            if wanted is not None and arm not in wanted:
                 continue
-            if path.stem in seen:
-                raise ValueError(f"arm {path.stem!r} is in more than one of {run_dirs}: keep one")
-            seen.add(path.stem)
-            rows += json.loads(path.read_text())["rows"]
+            if arm in seen:
+                raise ValueError(f"arm {arm!r} is in more than one of {run_dirs}: keep one")
+            seen.add(arm)
+            rows += arm_rows
     if not rows:
         raise FileNotFoundError(f"no arm results under {[str(d) for d in run_dirs]} (…/arms/*.json)")
     return rows
+
+
+def _results_json_arms(source: str) -> dict:
+    """`RESULTS.json#cache/budget`: {arm: rows} of that run of a results.json (e.g. the kept
+    docs/quality/results.json, whose arms have no folders here)."""
+    path, _, run = source.partition("#")
+    cache, _, budget = run.partition("/")
+    for r in json.loads(Path(path).read_text())["runs"]:
+        if r["cache"]["name"] == cache and r["budget"]["name"] == budget:
+            out = {}
+            for row in r["rows"]:
+                out.setdefault(row["arm"], []).append(row)
+            return out
+    raise FileNotFoundError(f"{path} has no run {cache}/{budget}")
 
 
 def against_baseline(rows: list[dict], arm: str, baseline: str, metric: str) -> dict:
@@ -89,8 +105,8 @@ def write_recipe_report(rows: list[dict], baseline: str, out: Path, title: str) 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dirs", nargs="+", help="<quality out>/runs/<cache>/<budget> folders; DIR:arm,arm "
-                   "takes only those arms from DIR")
+    p.add_argument("run_dirs", nargs="+", help="<quality out>/runs/<cache>/<budget> folders or "
+                   "RESULTS.json#<cache>/<budget>; DIR:arm,arm takes only those arms from DIR")
     p.add_argument("--baseline", required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--title", default="Recipes, one change at a time")

@@ -39,3 +39,12 @@ def test_object_store_bench_runs_against_its_own_s3_server(tmp_path):
     assert (tmp_path / "object_store_bench.json").exists() and result["store"].startswith("moto")
     assert set(result["write"]["MB_per_s"]) == {"harvest_local", "harvest_store", "raw_write_local", "raw_put_store"}
     assert result["read"]["loader_store_over_raw_ranged_gets"] > 0 and result["write"]["objects"] == 2 * 22
+
+
+def test_step_speed_runs_ours_with_dead_latents_beside_saelens():
+    import pytest
+    pytest.importorskip("sae_lens")
+    from quality.step_speed import measure
+    row = measure(8, 32, 16, steps=2, rounds=1, device="cpu", dead_fraction=0.5)
+    assert row["dead_fraction"] == 0.5 and set(row["ms_per_step"]) == {"ours", "saelens"}
+    assert row["saelens_over_ours"] == row["ms_per_step"]["saelens"] / row["ms_per_step"]["ours"]

@@ -218,6 +218,13 @@ def test_recipe_report_compares_arms_at_equal_l0(tmp_path):
     assert against_baseline(rows, "far", "base", "fvu")["better"] is None
     report = write_recipe_report(rows, "base", tmp_path / "out" / "r.md", "t").read_text()
     assert "| better | 1.5-6 | +10% | +20% | +0% |" in report and "| far | no overlap |" in report
+    # the same baseline from a results.json (the kept results), only the arm asked for
+    results = {"runs": [{"cache": {"name": "other"}, "budget": {"name": "short"}, "rows": far},
+                        {"cache": {"name": "c"}, "budget": {"name": "short"}, "rows": base + far}]}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert load_arms([f"{tmp_path / 'results.json'}#c/short:base", tmp_path / "b"]) == base + better + far
+    with pytest.raises(FileNotFoundError, match="no run c/long"):
+        load_arms([f"{tmp_path / 'results.json'}#c/long"])
     assert (tmp_path / "out" / "r.png").is_file()
     with pytest.raises(ValueError):
         load_arms([tmp_path / "a", tmp_path / "a"])

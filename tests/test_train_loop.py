@@ -163,13 +163,16 @@ def test_median_norm_constants_are_the_constants_scaled_by_the_measured_median(c
     assert weights_bytes(tmp_path / "rms") != weights_bytes(tmp_path / "median")
 
 
-def test_members_set_their_own_dead_window_and_nothing_else_of_train(cache, tmp_path):
+def test_members_set_their_own_dead_window_and_nothing_else_of_train(cache, tmp_path, capsys):
     """A member's own train.dead_window_tokens: the dead latents its pre-activation loss pulls (thresholds
     start above every pre-activation; the sweep's window of 1e7 tokens sees none dead in this run)."""
     members = ("[{name:short_window,sae:{pre_act_coeff:1e-3},train:{dead_window_tokens:64}},"
                "{name:sweep_window,sae:{pre_act_coeff:1e-3}},{name:no_pre_act}]")
     run_training(make_cfg(cache, tmp_path / "s", "sweep=none", f"sweep.members={members}", "sae.theta_init=3",
                           sweep=True), single=False)
+    said = capsys.readouterr().out
+    assert "sweep_window: its pre-activation loss" in said and "will never act" in said
+    assert "short_window: its pre-activation loss" not in said and "no_pre_act: its" not in said
     train_of = {n: json.loads((tmp_path / "s" / n / "sae.json").read_text())["hyperparameters_train"]["train"]
                 for n in ("short_window", "sweep_window")}
     assert train_of["short_window"]["dead_window_tokens"] == 64 and train_of["sweep_window"]["dead_window_tokens"] == 1e7

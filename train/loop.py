@@ -132,6 +132,11 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
               "members with sae.constants_unit=median_norm")
     members = [Member(s.name, s.folder, s.cfg, source.width, total_steps, device, cfg.kernel_backend, median_norm)
                for s in specs]
+    for m in members:
+        if m.sae.uses_dead_mask and m.cfg.train.dead_window_tokens >= total_steps * batch:
+            print(f"[train] {m.name}: its pre-activation loss acts on latents dead for train.dead_window_tokens="
+                  f"{m.cfg.train.dead_window_tokens:g} tokens, more than this run's {total_steps * batch:,}: it "
+                  "will never act (set a shorter window)")
     start = 0
     if ckpt is not None:
         if ckpt.get("finished"):
