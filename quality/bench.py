@@ -32,7 +32,8 @@ def _caches(cfg: QualityConfig) -> list[dict]:
         if cfg.only_regimes and regime.name not in cfg.only_regimes:
             continue
         path = Path(cfg.caches) / regime.name
-        write_synthetic_cache(path, regime, cfg.synthetic_tokens, progress=cfg.progress)
+        if not cfg.report_only:                  # a report from kept results reads no cache
+            write_synthetic_cache(path, regime, cfg.synthetic_tokens, progress=cfg.progress)
         out.append({"name": regime.name, "cache": str(path), "layer": LAYER, "sublayer": SUBLAYER,
                     "features": True, "regime": asdict(regime)})
     for lm in cfg.lm_caches:

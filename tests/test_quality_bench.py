@@ -186,6 +186,11 @@ def test_kept_results_of_another_checkout_are_not_trained_again(tmp_path, monkey
     cfg.kept = str(kept)
     again = bench.run_quality(cfg)
     assert trained == [] and again["runs"][0]["rows"] == first["runs"][0]["rows"]
+    shutil.rmtree(cfg.caches)                                   # a report alone needs no cache, writes none
+    cfg.report_only = True
+    assert bench.run_quality(cfg)["runs"][0]["rows"] == first["runs"][0]["rows"]
+    assert not Path(cfg.caches).exists()
+    cfg.report_only = False
     cfg.arms[1].levels = [3]                                    # b changed: trained again, a still kept
     changed = bench.run_quality(cfg)
     assert trained == [["b"]]
