@@ -74,23 +74,45 @@ def frontier_plot(rows: list[dict], title: str, path: Path) -> Path:
     return path
 
 
+def _summary_cell(cmp: dict, metric: str) -> str:
+    """"k of n (+x%)": at how many of the compared L0s our best arm is at least as good (the target's
+    terms: at most SAELens's FVU, at least its recovery), and the median relative
+    difference (positive: ours better; a median, as a delta LM loss near 0 makes single ratios explode)."""
+    pts = cmp["points"]
+    if not pts:
+        return "n/a"
+    sign = 1.0 if METRICS[metric][1] else -1.0
+    rel = [sign * (p["ours"] - p["saelens"]) / abs(p["saelens"]) for p in pts if p["saelens"] != 0]
+    median = f" ({100 * float(np.median(rel)):+.0f}%)" if rel else ""
+    return f"{sum(p['ours_better'] or p['ours'] == p['saelens'] for p in pts)} of {len(pts)}{median}"
+
+
 def write_report(results: dict, out: Path) -> Path:
+    metrics = ("fvu", "recovered", "delta_ce", "alive")
+    for run in results["runs"]:
+        run["comparisons"] = [best_at_equal_l0(run["rows"], m) for m in metrics
+                              if any(_finite(r.get(m)) for r in run["rows"])]
     lines = ["# SAE quality: ours against SAELens, same data", "",
              "Every SAE of a cache and budget saw the same rows in the same order; scores on the same held-out",
              "sequences. Best of each trainer at equal L0: at the L0 of each SAE that both trainers reach, each",
              "arm's frontier interpolated in log L0 (an arm only between SAEs of its sweep at most",
-             f"{MAX_L0_GAP:g}x apart in L0), the best arm of each trainer.", ""]
+             f"{MAX_L0_GAP:g}x apart in L0), the best arm of each trainer.", "",
+             "At how many of those L0s our best arm is at least as good as SAELens's best (median relative",
+             "difference, positive: ours better):", "",
+             "| cache / budget | " + " | ".join(METRICS[m][0] for m in metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for run in results["runs"]:
+        by_metric = {c["metric"]: c for c in run["comparisons"]}
+        lines.append(f"| {run['cache']['name']} / {run['budget']['name']} | "
+                     + " | ".join(_summary_cell(by_metric[m], m) if m in by_metric else "" for m in metrics) + " |")
+    lines.append("")
     columns = ["arm", "level", "l0", "fvu", "recovered", "mmcs", "alive", "dead_fraction", "delta_ce", "ms_per_step"]
     for run in results["runs"]:
         cache, budget, rows = run["cache"], run["budget"], run["rows"]
         title = f"{cache['name']} / {budget['name']} ({budget['tokens']:.3g} tokens, lr {budget['lr']:g})"
         plot = frontier_plot(rows, title, out / f"frontier_{cache['name']}_{budget['name']}.png")
         lines += [f"## {title}", "", f"![frontier]({plot.name})", ""]
-        for metric in ("fvu", "recovered", "delta_ce", "alive"):
-            if not any(_finite(r.get(metric)) for r in rows):
-                continue
-            cmp = best_at_equal_l0(rows, metric)
-            run.setdefault("comparisons", []).append(cmp)
+        for cmp in run["comparisons"]:
+            metric = cmp["metric"]
             lines.append(f"**{METRICS[metric][0]}** at equal L0:" + (f" {cmp.get('note', 'no L0 that both trainers reach')}" if not cmp["points"] else ""))
             if cmp["points"]:
                 lines += ["", "| L0 | ours (best arm) | SAELens (best arm) | ours better |", "|---|---|---|---|"]

@@ -109,6 +109,11 @@ def test_benchmark_end_to_end_with_saelens(tmp_path):
     assert ours[0.1]["l0"] < ours[0.01]["l0"]                 # lambda does what it should
     report = (tmp_path / "q" / "report.md").read_text()
     assert "tiny / smoke" in report and (tmp_path / "q" / "frontier_tiny_smoke.png").read_bytes()[:4] == b"\x89PNG"
+    # the summary: at how many compared L0s our best is better, per metric, as the tables below say
+    fvu_table = report.split("**FVU** at equal L0:")[1].split("**")[0]          # (no ties in FVU here)
+    yes, compared = fvu_table.count("| yes |"), fvu_table.count("| yes |") + fvu_table.count("| no |")
+    summary = next(l for l in report.splitlines() if l.startswith("| tiny / smoke |"))
+    assert summary.split(" | ")[1].startswith(f"{yes} of {compared}") if compared else "n/a" in summary
     assert json.loads((tmp_path / "q" / "results.json").read_text())["runs"][0]["rows"] == rows
 
 
