@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from train.members import preset_files
 
@@ -68,7 +69,8 @@ def _targets(cache: dict, budget, cfg: QualityConfig, run_dir: Path, arms) -> li
     heldout = {"fraction": cfg.heldout_fraction, "seed": 0}
     targets = []
     if ours:
-        sweep = run_dir / ("ours-" + hashlib.sha256(",".join(a.name for a in ours).encode()).hexdigest()[:8])
+        trained = ",".join(f"{a.name}@{a.levels}" for a in ours)
+        sweep = run_dir / ("ours-" + hashlib.sha256(trained.encode()).hexdigest()[:8])
         shutil.rmtree(sweep, ignore_errors=True)
         done = train_ours(ours, cache["cache"], cache["layer"], cache["sublayer"], sweep, budget, cfg)
         for arm in ours:
@@ -100,15 +102,21 @@ def _targets(cache: dict, budget, cfg: QualityConfig, run_dir: Path, arms) -> li
     return targets
 
 
+def preset_settings(group: str, name: str) -> list:
+    """The settings of conf/<group>/<name>.yaml and of the presets it extends (train.members.preset_files),
+    as parsed: a preset whose values change retrains its arms, one whose comments change does not."""
+    return [OmegaConf.to_container(OmegaConf.load(p)) for p in preset_files(group, name)]
+
+
 def _arm_identity(arm, budget, cache: dict, cfg: QualityConfig) -> dict:
-    """What an arm's results depend on (for our arms, the preset's text too, conf/sae/ and conf/optim/:
-    a preset edited in place retrains): if all of it matches, earlier results are reused."""
+    """What an arm's results depend on (for our arms, the preset's settings too, conf/sae/ and
+    conf/optim/: a preset edited in place retrains): if all of it matches, earlier results are reused."""
     preset = {}
     if arm.trainer == "ours":                    # with the presets they extend
-        preset["preset"] = "".join(p.read_text() for p in preset_files("sae", arm.preset))
-        optim = preset_files("optim", arm.preset)
+        preset["preset"] = preset_settings("sae", arm.preset)
+        optim = preset_settings("optim", arm.preset)
         if optim:                                # only where there is one: other arms keep their identity
-            preset["optim_preset"] = "".join(p.read_text() for p in optim)
+            preset["optim_preset"] = optim
     return {"arm": asdict(arm), **preset, "budget": asdict(budget),
             "cache": {k: cache[k] for k in ("cache", "layer", "sublayer")},
             "regime": cache.get("regime"),
@@ -121,17 +129,26 @@ def _arm_file(run_dir: Path, arm) -> Path:
     return run_dir / "arms" / f"{arm.name}.json"
 
 
-def _cached_rows(run_dir: Path, arm, identity: dict, kept_run: dict | None):
-    """The arm's rows from an earlier run with the same identity: out/'s own, else the kept results'."""
-    identity = json.loads(json.dumps(identity))
+def _but_levels(identity: dict | None):
+    if identity is None:
+        return None
+    return {**identity, "arm": {k: v for k, v in identity["arm"].items() if k != "levels"}}
+
+
+def _cached_rows(run_dir: Path, arm, identity: dict, kept_run: dict | None) -> list:
+    """The arm's rows from an earlier run with the same identity but for its levels, at the levels it
+    still has: out/'s own, else the kept results' ([] where there are none). Each level is an SAE of
+    its own (a lock-step sweep trains each member as alone), so a level added trains only that level."""
+    identity = _but_levels(json.loads(json.dumps(identity)))
+    found = []
     path = _arm_file(run_dir, arm)
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("identity") == identity:
-            return saved["rows"]
-    if kept_run and kept_run.get("identities", {}).get(arm.name) == identity:
-        return [r for r in kept_run["rows"] if r["arm"] == arm.name] or None
-    return None
+        if _but_levels(saved.get("identity")) == identity:
+            found = saved["rows"]
+    if not found and kept_run and _but_levels(kept_run.get("identities", {}).get(arm.name)) == identity:
+        found = [r for r in kept_run["rows"] if r["arm"] == arm.name]
+    return sorted((r for r in found if r["level"] in arm.levels), key=lambda r: arm.levels.index(r["level"]))
 
 
 def _kept_runs(cfg: QualityConfig) -> dict:
@@ -171,9 +188,10 @@ def _score(targets: list, cache: dict, cfg: QualityConfig) -> list[dict]:
 
 
 def run_quality(cfg: QualityConfig) -> dict:
-    """Train and score every arm of every cache and budget; an arm whose results for the same
-    identity (its settings, the budget, the cache, the scoring) are already in out/ is not retrained,
-    so an interrupted benchmark resumes and `only_arms` runs add to the same report."""
+    """Train and score every arm of every cache and budget; the levels of an arm whose results for the
+    same identity (its settings, the budget, the cache, the scoring) are already in out/ or in the kept
+    results are not retrained, so an interrupted benchmark resumes, `only_arms` runs add to the same
+    report, and a level added to an arm trains that level alone."""
     from .report import write_report
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,13 +206,16 @@ def run_quality(cfg: QualityConfig) -> dict:
             identities = {a.name: _arm_identity(a, budget, cache, cfg) for a in cfg.arms}
             kept_run = kept.get((cache["name"], budget.name))
             cached = {a.name: _cached_rows(run_dir, a, identities[a.name], kept_run) for a in cfg.arms}
-            todo = [a for a in cfg.arms if cached[a.name] is None and not cfg.report_only
+            missing = {a.name: [v for v in a.levels if v not in {r["level"] for r in cached[a.name]}] for a in cfg.arms}
+            todo = [replace(a, levels=missing[a.name]) for a in cfg.arms if missing[a.name] and not cfg.report_only
                     and (not cfg.only_arms or a.name in cfg.only_arms)]
             if todo:
-                print(f"[quality] {cache['name']} / {budget.name}: training {', '.join(a.name for a in todo)}", flush=True)
+                print(f"[quality] {cache['name']} / {budget.name}: training "
+                      + ", ".join(f"{a.name}@{','.join(f'{v:g}' for v in a.levels)}" for a in todo), flush=True)
                 rows = _score(_targets(cache, budget, cfg, run_dir, todo), cache, cfg)
-                for arm in todo:
-                    cached[arm.name] = [r for r in rows if r["arm"] == arm.name]
+                for arm in (a for a in cfg.arms if a.name in {t.name for t in todo}):
+                    new = {r["level"]: r for r in cached[arm.name] + [r for r in rows if r["arm"] == arm.name]}
+                    cached[arm.name] = [new[v] for v in arm.levels if v in new]
                     path = _arm_file(run_dir, arm)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps({"identity": identities[arm.name], "rows": cached[arm.name]},

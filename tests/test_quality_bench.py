@@ -164,13 +164,48 @@ def test_an_arm_done_before_is_not_trained_again(tmp_path, monkeypatch):
     both = bench.run_quality(cfg)
     assert trained == [["b"]]                                   # a came from its results file
     assert [r for r in both["runs"][0]["rows"] if r["arm"] == "a"] == first["runs"][0]["rows"]
-    cfg.arms[0].levels = [0.03, 0.1]                            # a changed: trained again
+    cfg.arms[0].overrides = {"sae.bandwidth": 0.02}             # a changed: trained again
     cfg.report_only = True                                      # ... but not when only a report is asked for
     only = bench.run_quality(cfg)
     assert len(trained) == 1 and {r["arm"] for r in only["runs"][0]["rows"]} == {"b"}
     cfg.report_only = False
-    bench.run_quality(cfg)
+    changed = bench.run_quality(cfg)
     assert trained[-1] == ["a"]
+    levels = []
+    monkeypatch.setattr(bench, "_targets", lambda c, b, q, d, todo: levels.append({a.name: a.levels for a in todo})
+                        or real(c, b, q, d, todo))
+    cfg.arms[0].levels = [0.1, 0.03]                            # a level added: only it is trained
+    added = bench.run_quality(cfg)
+    assert levels == [{"a": [0.1]}]
+    a_rows = [r for r in added["runs"][0]["rows"] if r["arm"] == "a"]
+    assert [r["level"] for r in a_rows] == [0.1, 0.03]           # in the arm's order
+    assert a_rows[1] == next(r for r in changed["runs"][0]["rows"] if r["arm"] == "a")
+    cfg.arms[0].levels = [0.1]                                  # a level dropped: its row is left out, nothing trains
+    assert [r["level"] for r in bench.run_quality(cfg)["runs"][0]["rows"] if r["arm"] == "a"] == [0.1]
+    assert len(levels) == 1
+
+
+def test_an_arm_identity_follows_its_presets_settings_not_their_comments(tmp_path, monkeypatch):
+    """Our arms' identity holds the settings of their presets and of those they extend (conf/sae/,
+    conf/optim/): a value edited in place retrains, a comment edited does not."""
+    import shutil
+    import train.members
+    from quality.bench import _arm_identity
+    conf = tmp_path / "conf"
+    shutil.copytree(train.members.CONF, conf)
+    monkeypatch.setattr(train.members, "CONF", conf)
+    cfg = _small_config(tmp_path, [])
+    arm = Arm(name="t", trainer="ours", preset="jumprelu_tanh_saelens", knob="sparsity_coeff", levels=[0.01])
+    cache = {"cache": "c", "layer": 0, "sublayer": "resid_post"}
+
+    def identity():
+        return _arm_identity(arm, cfg.budgets[0], cache, cfg)
+    before = identity()
+    base = conf / "sae" / "jumprelu.yaml"                       # extended by jumprelu_tanh_saelens
+    base.write_text("# a comment\n" + base.read_text().replace("\n#", "\n# reworded:"))
+    assert identity() == before
+    base.write_text(base.read_text().replace("bandwidth: 0.016", "bandwidth: 0.02"))
+    assert identity() != before
 
 
 def test_kept_results_of_another_checkout_are_not_trained_again(tmp_path, monkeypatch):

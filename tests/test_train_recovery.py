@@ -41,7 +41,8 @@ def heldout_rows(cache, meta):
 
 
 # The papers' recipe (unit-norm decoder, thresholds at the optimizer's lr), and the default (SAELens's
-# step recipe in our units: free decoder, b_dec subtracted, thresholds at their own lr, conf/optim/jumprelu.yaml).
+# step recipe in our units: free decoder, b_dec subtracted, thresholds at their own lr, conf/optim/jumprelu.yaml;
+# with its constants in units of the median token norm and the pre-activation loss).
 @pytest.mark.parametrize("recipe", [["sae=jumprelu_paper"], []], ids=["paper", "default"])
 def test_jumprelu_recovers_true_features(synthetic, tmp_path, recipe):
     cache, x, features, on = synthetic
