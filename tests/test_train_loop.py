@@ -142,10 +142,10 @@ def test_architecture_sweep_uses_presets(cache, tmp_path):
 
 
 def test_median_norm_constants_are_the_constants_scaled_by_the_measured_median(cache, tmp_path):
-    """sae.constants_unit=median_norm trains exactly as the rms unit with theta_init, bandwidth,
-    threshold_lr and optim.bias_lr_scale multiplied by the median token norm (normalised) that sae.json
-    records, and optim.grad_clip_norm by its square."""
-    run_training(make_cfg(cache, tmp_path / "median", "sae.constants_unit=median_norm"), single=True)
+    """sae.constants_unit=median_norm (the default's) trains exactly as the rms unit with theta_init,
+    bandwidth, threshold_lr and optim.bias_lr_scale multiplied by the median token norm (normalised)
+    that sae.json records, and optim.grad_clip_norm by its square."""
+    run_training(make_cfg(cache, tmp_path / "median"), single=True)
     meta = json.loads((tmp_path / "median" / "sae.json").read_text())
     r = meta["normalisation"]["median_norm"]
     assert 0.3 < r < 1.2 and r != 1.0
@@ -156,10 +156,10 @@ def test_median_norm_constants_are_the_constants_scaled_by_the_measured_median(c
     by_hand = [f"sae.{k}={sae[k] * r!r}" for k in ("theta_init", "bandwidth", "threshold_lr")]
     by_hand += [f"optim.bias_lr_scale={optim['bias_lr_scale'] * r!r}",
                 f"optim.grad_clip_norm={optim['grad_clip_norm'] * r * r!r}"]
-    run_training(make_cfg(cache, tmp_path / "by_hand", *by_hand), single=True)
+    run_training(make_cfg(cache, tmp_path / "by_hand", "sae.constants_unit=rms", *by_hand), single=True)
     assert weights_bytes(tmp_path / "median") == weights_bytes(tmp_path / "by_hand")
     assert "median_norm" not in json.loads((tmp_path / "by_hand" / "sae.json").read_text())["normalisation"]
-    run_training(make_cfg(cache, tmp_path / "rms"), single=True)
+    run_training(make_cfg(cache, tmp_path / "rms", "sae.constants_unit=rms"), single=True)
     assert weights_bytes(tmp_path / "rms") != weights_bytes(tmp_path / "median")
 
 
@@ -167,7 +167,7 @@ def test_members_set_their_own_dead_window_and_nothing_else_of_train(cache, tmp_
     """A member's own train.dead_window_tokens: the dead latents its pre-activation loss pulls (thresholds
     start above every pre-activation; the sweep's window of 1e7 tokens sees none dead in this run)."""
     members = ("[{name:short_window,sae:{pre_act_coeff:1e-3},train:{dead_window_tokens:64}},"
-               "{name:sweep_window,sae:{pre_act_coeff:1e-3}},{name:no_pre_act}]")
+               "{name:sweep_window,sae:{pre_act_coeff:1e-3}},{name:no_pre_act,sae:{pre_act_coeff:0}}]")
     run_training(make_cfg(cache, tmp_path / "s", "sweep=none", f"sweep.members={members}", "sae.theta_init=3",
                           sweep=True), single=False)
     said = capsys.readouterr().out

@@ -328,7 +328,8 @@ def test_every_preset_builds_and_trains(preset):
     cfg = OmegaConf.merge(OmegaConf.structured(Config), {"sae": {**OmegaConf.to_container(yaml), "width": 64}},
                           {"optim": {"lr": 1e-3, "lr_warmup_steps": 2, "lambda_warmup_steps": 2},
                            "train": {"dead_window_tokens": 32}})
-    member = Member("m", Path("unused"), cfg, 16, 20, torch.device("cpu"), "reference")
+    # median_norm: the unit of constants_unit=median_norm presets, which the loop measures on the cache
+    member = Member("m", Path("unused"), cfg, 16, 20, torch.device("cpu"), "reference", median_norm=0.8)
     g = torch.Generator().manual_seed(0)
     for step in range(6):
         member.step(torch.randn(32, 16, generator=g), step, torch.tensor(1.0))
