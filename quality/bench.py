@@ -153,10 +153,11 @@ def _cached_rows(run_dir: Path, arm, identity: dict, kept_run: dict | None) -> l
 
 def _kept_runs(cfg: QualityConfig) -> dict:
     """{(cache name, budget name): run} of cfg.kept's results.json ({} without one)."""
+    from .report import results_runs
     path = Path(cfg.kept) if cfg.kept else None
     if path is None or not path.is_file():
         return {}
-    return {(r["cache"]["name"], r["budget"]["name"]): r for r in json.loads(path.read_text())["runs"]}
+    return results_runs(path)
 
 
 def _score(targets: list, cache: dict, cfg: QualityConfig) -> list[dict]:
@@ -213,7 +214,8 @@ def run_quality(cfg: QualityConfig) -> dict:
                 print(f"[quality] {cache['name']} / {budget.name}: training "
                       + ", ".join(f"{a.name}@{','.join(f'{v:g}' for v in a.levels)}" for a in todo), flush=True)
                 rows = _score(_targets(cache, budget, cfg, run_dir, todo), cache, cfg)
-                for arm in (a for a in cfg.arms if a.name in {t.name for t in todo}):
+                arms = {a.name: a for a in cfg.arms}
+                for arm in (arms[t.name] for t in todo):
                     new = {r["level"]: r for r in cached[arm.name] + [r for r in rows if r["arm"] == arm.name]}
                     cached[arm.name] = [new[v] for v in arm.levels if v in new]
                     path = _arm_file(run_dir, arm)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import METRICS, frontier_plot
+from .report import METRICS, frontier_plot, results_runs
 
 
 def load_arms(run_dirs: list) -> list[dict]:
@@ -48,13 +48,13 @@ def _results_json_arms(source: str) -> dict:
     docs/quality/results.json, whose arms have no folders here)."""
     path, _, run = source.partition("#")
     cache, _, budget = run.partition("/")
-    for r in json.loads(Path(path).read_text())["runs"]:
-        if r["cache"]["name"] == cache and r["budget"]["name"] == budget:
-            out = {}
-            for row in r["rows"]:
-                out.setdefault(row["arm"], []).append(row)
-            return out
-    raise FileNotFoundError(f"{path} has no run {cache}/{budget}")
+    found = results_runs(path).get((cache, budget))
+    if found is None:
+        raise FileNotFoundError(f"{path} has no run {cache}/{budget}")
+    out = {}
+    for row in found["rows"]:
+        out.setdefault(row["arm"], []).append(row)
+    return out
 
 
 def against_baseline(rows: list[dict], arm: str, baseline: str, metric: str) -> dict:

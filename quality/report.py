@@ -2,6 +2,7 @@
 at equal L0 (each arm's frontier interpolated in log L0), and a frontier plot."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -13,6 +14,11 @@ from evaluate.equal_l0 import MAX_L0_GAP, comparison_l0s, covers, finite as _fin
 METRICS = {"fvu": ("FVU", False), "recovered": ("true features recovered", True),
            "mmcs": ("MMCS", True), "alive": ("alive latents", True), "delta_ce": ("delta LM loss", False)}
 TRAINERS = ("ours", "saelens")
+
+
+def results_runs(path) -> dict:
+    """{(cache name, budget name): run} of a results.json (out/'s, or the kept docs/quality/results.json)."""
+    return {(r["cache"]["name"], r["budget"]["name"]): r for r in json.loads(Path(path).read_text())["runs"]}
 
 
 def best_at_equal_l0(rows: list[dict], metric: str) -> dict:

@@ -19,7 +19,7 @@ from .cache_reader import (HELDOUT_RULE, CacheError, cache_identifier, complete_
                            heldout_sequences, open_activations, open_cache)
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_states
 from .loader import ChunkLoader
-from .member import Member
+from .member import Member, uses_median_norm
 from .members import MEMBER_TRAIN_FIELDS
 from .metrics import MetricsLog
 from .run_folder import save_sae
@@ -126,7 +126,7 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
               "training tokens in the cache")
 
     median_norm = ckpt.get("median_norm") if ckpt else None
-    if median_norm is None and any(s.cfg.sae.get("constants_unit", "rms") == "median_norm" for s in specs):
+    if median_norm is None and any(uses_median_norm(s.cfg) for s in specs):
         median_norm = source.estimate_median_norm() / scale
         print(f"[train] median token norm {median_norm:.4g} (normalised): the unit of the constants of "
               "members with sae.constants_unit=median_norm")

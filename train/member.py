@@ -11,11 +11,16 @@ from .optim import lambda_at, lr_at, make_optimizer, remove_parallel_grad, renor
 from .sae import build_sae
 
 
+def uses_median_norm(cfg) -> bool:
+    """Whether the member's constants are in units of the median token norm (sae.constants_unit)."""
+    return cfg.sae.constants_unit == "median_norm"
+
+
 def in_data_units(cfg, median_norm: float | None):
     """The member's config with the constants of sae.constants_unit=median_norm (theta_init, bandwidth,
     threshold_lr, optim.bias_lr_scale; optim.grad_clip_norm squared, as the weights' gradients go with the
     data's square) multiplied by the median token norm in the normalised space; cfg itself otherwise."""
-    if cfg.sae.get("constants_unit", "rms") != "median_norm":
+    if not uses_median_norm(cfg):
         return cfg
     if median_norm is None or not median_norm > 0:
         raise ValueError(f"sae.constants_unit=median_norm needs the cache's median token norm, got {median_norm}")
