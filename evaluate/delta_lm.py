@@ -37,6 +37,10 @@ class DeltaLMResult:
     ce_mean: float = float("nan")                 # mean-ablated (nan: no mean activation given)
     fraction_recovered_mean: float = float("nan")  # (ce_mean - ce_spliced) / (ce_mean - ce_clean)
     kl_mean: float = float("nan")
+    # Standard errors over the sequences (their unit of sampling) of delta_ce and of kl_spliced: on a
+    # few dozen sequences delta_ce is often within two of them of another SAE's.
+    delta_ce_se: float = float("nan")
+    kl_spliced_se: float = float("nan")
     note: str = ""
 
     def to_dict(self) -> Dict[str, float]:
@@ -77,24 +81,32 @@ def check_site(model: torch.nn.Module, layer: int, sublayer: str, d_in: int) -> 
 
 def _losses(logits: torch.Tensor, targets: torch.Tensor, clean_logits: Optional[torch.Tensor],
             rows_per_chunk: Optional[int] = None):
-    """Summed next-token cross-entropy and (given clean_logits) summed KL(clean || logits), in float64.
+    """Per sequence ([batch] float64): the summed next-token cross-entropy and (given clean_logits) the
+    summed KL(clean || logits); None for the KL without clean_logits.
 
     Logits of real Gemma are [batch, T, 256000]: log-softmax goes a chunk of rows at a time (~1 GB).
     """
-    V = logits.shape[-1]
+    B, V = logits.shape[0], logits.shape[-1]
     logits = logits.reshape(-1, V)
     targets = targets.reshape(-1)
     clean = clean_logits.reshape(-1, V) if clean_logits is not None else None
     rows = rows_per_chunk or max(1, 2**28 // V)
-    ce_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
-    kl_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
+    ce = torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device)
+    kl = torch.empty_like(ce) if clean is not None else None
     for i in range(0, logits.shape[0], rows):
         logp = torch.log_softmax(logits[i:i + rows].float(), dim=-1)
-        ce_sum -= logp.gather(-1, targets[i:i + rows, None]).double().sum()
+        ce[i:i + rows] = -logp.gather(-1, targets[i:i + rows, None])[:, 0].double()
         if clean is not None:
             clean_logp = torch.log_softmax(clean[i:i + rows].float(), dim=-1)
-            kl_sum += (clean_logp.exp() * (clean_logp - logp)).sum(-1).double().sum()
-    return float(ce_sum), float(kl_sum)
+            kl[i:i + rows] = (clean_logp.exp() * (clean_logp - logp)).sum(-1).double()
+    return ce.view(B, -1).sum(1), (kl.view(B, -1).sum(1) if kl is not None else None)
+
+
+def _standard_error(per_sequence: torch.Tensor) -> float:
+    """Standard error of the mean over sequences (every sequence has as many predictions); the
+    predictions within a sequence are not independent, so the sequence is the unit of sampling."""
+    n = len(per_sequence)
+    return float(per_sequence.std(correction=1) / n ** 0.5) if n > 1 else float("nan")
 
 
 def _replace_non_bos(keep: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]):
@@ -124,12 +136,22 @@ def delta_lm_loss(model: torch.nn.Module, tokens: torch.Tensor, layer: int, subl
                            progress, mean_activation)[0]
 
 
+@dataclass
+class VariantLoss:
+    """Mean per-prediction CE and KL(clean || variant) of a variant, and the standard errors (over
+    sequences) of its CE increase over clean and of its KL."""
+    ce: float
+    kl: float
+    delta_ce_se: float
+    kl_se: float
+
+
 @torch.no_grad()
 def _variant_losses(model, tokens: torch.Tensor, layer: int, sublayer: str, variants: dict,
                     bos_token_id: int, splice: Optional[Splice], batch_sequences: int, desc: str,
                     progress: bool) -> tuple[float, dict, int]:
-    """(mean clean CE, {variant: (mean CE, mean KL(clean || variant))}, predictions): one clean
-    forward per batch, shared by every variant (a function replacing the site's non-BOS activations)."""
+    """(mean clean CE, {variant: VariantLoss}, predictions): one clean forward per batch, shared by every
+    variant (a function replacing the site's non-BOS activations)."""
     if splice is None:
         from harvest.sites import splice
     device = next(model.parameters()).device
@@ -137,8 +159,8 @@ def _variant_losses(model, tokens: torch.Tensor, layer: int, sublayer: str, vari
     n_seq, T = tokens.shape
     if T < 2:
         raise ValueError("sequences need at least two tokens for next-token loss")
-    ce_clean = 0.0
-    sums = {name: [0.0, 0.0] for name in variants}
+    clean_seqs = []
+    seqs = {name: ([], []) for name in variants}
     model.eval()
     bar = tqdm(total=n_seq * (len(variants) + 1), desc=desc, unit="fwd-seq", disable=not progress)
     for start in range(0, n_seq, batch_sequences):
@@ -146,21 +168,26 @@ def _variant_losses(model, tokens: torch.Tensor, layer: int, sublayer: str, vari
         targets = batch[:, 1:]
         keep = non_bos_mask(batch, bos_token_id)
         clean = model(input_ids=batch, use_cache=False).logits[:, :-1]
-        ce, _ = _losses(clean, targets, None)
-        ce_clean += ce
+        clean_seqs.append(_losses(clean, targets, None)[0].cpu())
         bar.update(len(batch))
         for name, fn in variants.items():
             with splice(model, layer, sublayer, _replace_non_bos(keep, fn)):
                 logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
             ce, kl = _losses(logits, targets, clean)
             del logits
-            sums[name][0] += ce
-            sums[name][1] += kl
+            seqs[name][0].append(ce.cpu())
+            seqs[name][1].append(kl.cpu())
             bar.update(len(batch))
         del clean
     bar.close()
-    n_pred = n_seq * (T - 1)
-    return ce_clean / n_pred, {k: (v[0] / n_pred, v[1] / n_pred) for k, v in sums.items()}, n_pred
+    per_pred = 1.0 / (T - 1)
+    clean_ce = torch.cat(clean_seqs) * per_pred
+    out = {}
+    for name, (ce, kl) in seqs.items():
+        ce, kl = torch.cat(ce) * per_pred, torch.cat(kl) * per_pred
+        out[name] = VariantLoss(ce=float(ce.mean()), kl=float(kl.mean()),
+                                delta_ce_se=_standard_error(ce - clean_ce), kl_se=_standard_error(kl))
+    return float(clean_ce.mean()), out, n_seq * (T - 1)
 
 
 def _mean_fill(mean_activation: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -180,7 +207,7 @@ def site_ablation(model: torch.nn.Module, tokens: torch.Tensor, layer: int, subl
         model, tokens, layer, sublayer, {"zero": torch.zeros_like, "mean": _mean_fill(mean_activation)},
         bos_token_id, splice, batch_sequences, f"ablation L{layer} {sublayer}", progress)
     return SiteAblation(n_sequences=len(tokens), n_predictions=n_pred, ce_clean=ce_clean,
-                        ce_zero=v["zero"][0], ce_mean=v["mean"][0], kl_zero=v["zero"][1], kl_mean=v["mean"][1])
+                        ce_zero=v["zero"].ce, ce_mean=v["mean"].ce, kl_zero=v["zero"].kl, kl_mean=v["mean"].kl)
 
 
 def _recovered(ce_ablated: float, ce_spliced: float, ce_clean: float) -> float:
@@ -204,10 +231,12 @@ def delta_lm_losses(model: torch.nn.Module, tokens: torch.Tensor, layer: int, su
     ce_clean, v, n_pred = _variant_losses(
         model, tokens, layer, sublayer, variants, bos_token_id, splice, batch_sequences,
         f"delta LM loss L{layer} {sublayer} ({len(saes)} SAE{'s' * (len(saes) > 1)})", progress)
-    (ce_zero, kl_zero), (ce_mean, kl_mean) = v["zero"], v.get("mean", (float("nan"), float("nan")))
+    nan = float("nan")
+    ce_zero, kl_zero = v["zero"].ce, v["zero"].kl
+    ce_mean, kl_mean = (v["mean"].ce, v["mean"].kl) if "mean" in v else (nan, nan)
     results = []
     for i in range(len(saes)):
-        ce_spliced, kl_spliced = v[i]
+        ce_spliced, kl_spliced = v[i].ce, v[i].kl
         results.append(DeltaLMResult(
             n_sequences=len(tokens), n_predictions=n_pred,
             ce_clean=ce_clean, ce_spliced=ce_spliced, ce_zero=ce_zero,
@@ -215,6 +244,7 @@ def delta_lm_losses(model: torch.nn.Module, tokens: torch.Tensor, layer: int, su
             fraction_recovered=_recovered(ce_zero, ce_spliced, ce_clean),
             kl_spliced=kl_spliced, kl_zero=kl_zero,
             ce_mean=ce_mean, fraction_recovered_mean=_recovered(ce_mean, ce_spliced, ce_clean), kl_mean=kl_mean,
+            delta_ce_se=v[i].delta_ce_se, kl_spliced_se=v[i].kl_se,
             note="" if ce_zero > ce_clean else ("zero-ablating this site does not raise the loss (an untrained "
                                                 "model?): fraction recovered is not meaningful here"),
         ))

@@ -12,7 +12,7 @@ from .saebench import TABLE_METRICS, table_values
 from .sources import EvalTarget
 
 TABLE_COLUMNS = ("name", "architecture", "sparsity", "d_sae", "l0", "fvu", "mse", "dead_fraction",
-                 "dense_fraction", "delta_ce", "fraction_recovered", "fraction_recovered_mean", "kl_spliced",
+                 "dense_fraction", "delta_ce", "delta_ce_se", "fraction_recovered", "fraction_recovered_mean", "kl_spliced",
                  "ce_clean", "ce_zero", "ce_mean")
 
 
@@ -75,8 +75,8 @@ def table_row(report: dict) -> dict:
     lm = report["delta_lm"]
     row = {"name": report["name"], "architecture": report["label"], "sparsity": report["sparsity"],
            "d_sae": report["d_sae"], **report["reconstruction"]}
-    for k in ("delta_ce", "fraction_recovered", "fraction_recovered_mean", "kl_spliced", "ce_clean", "ce_zero",
-              "ce_mean"):
+    for k in ("delta_ce", "delta_ce_se", "fraction_recovered", "fraction_recovered_mean", "kl_spliced", "ce_clean",
+              "ce_zero", "ce_mean"):
         row[k] = lm.get(k, float("nan"))
     row.update(table_values(report.get("saebench")))
     columns = TABLE_COLUMNS + tuple(name for _, name in TABLE_METRICS)

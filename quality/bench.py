@@ -41,8 +41,16 @@ def _caches(cfg: QualityConfig) -> list[dict]:
         if cfg.only_regimes and lm.name not in cfg.only_regimes:
             continue
         out.append({"name": lm.name, "cache": lm.cache, "layer": lm.layer, "sublayer": lm.sublayer,
-                    "features": None})
+                    "features": None, **{k: getattr(lm, k) for k in CACHE_SETTINGS if getattr(lm, k) is not None}})
     return out
+
+
+# Settings an LM cache may set for itself (LMCache); a cache that does is scored and keyed with its own.
+CACHE_SETTINGS = ("heldout_fraction", "delta_lm_sequences")
+
+
+def _setting(cache: dict, cfg: QualityConfig, name: str):
+    return cache.get(name, getattr(cfg, name))
 
 
 def _loader_batches(cache: dict, cfg: QualityConfig, batch_size: int):
@@ -50,7 +58,7 @@ def _loader_batches(cache: dict, cfg: QualityConfig, batch_size: int):
     from train.cache_reader import heldout_sequences, open_activations
     from train.loader import ChunkLoader
     source = open_activations(cache["cache"], cache["layer"], cache["sublayer"])
-    held = heldout_sequences(source.n_sequences, cfg.heldout_fraction, 0)
+    held = heldout_sequences(source.n_sequences, _setting(cache, cfg, "heldout_fraction"), 0)
     loader = ChunkLoader(source, np.flatnonzero(source.complete), held, batch_size, cfg.buffer_tokens,
                          cfg.seed, device=cfg.device)
 
@@ -66,13 +74,14 @@ def _targets(cache: dict, budget, cfg: QualityConfig, run_dir: Path, arms) -> li
     from train.run_folder import load_sae
     ours = [a for a in arms if a.trainer == "ours"]
     peers = [a for a in arms if a.trainer == "saelens"]
-    heldout = {"fraction": cfg.heldout_fraction, "seed": 0}
+    heldout = {"fraction": _setting(cache, cfg, "heldout_fraction"), "seed": 0}
     targets = []
     if ours:
         trained = ",".join(f"{a.name}@{a.levels}" for a in ours)
         sweep = run_dir / ("ours-" + hashlib.sha256(trained.encode()).hexdigest()[:8])
         shutil.rmtree(sweep, ignore_errors=True)
-        done = train_ours(ours, cache["cache"], cache["layer"], cache["sublayer"], sweep, budget, cfg)
+        done = train_ours(ours, cache["cache"], cache["layer"], cache["sublayer"], sweep, budget, cfg,
+                          heldout["fraction"])
         for arm in ours:
             for level in arm.levels:
                 name = member_name(arm.name, level)
@@ -118,7 +127,7 @@ def _arm_identity(arm, budget, cache: dict, cfg: QualityConfig) -> dict:
         if optim:                                # only where there is one: other arms keep their identity
             preset["optim_preset"] = optim
     return {"arm": asdict(arm), **preset, "budget": asdict(budget),
-            "cache": {k: cache[k] for k in ("cache", "layer", "sublayer")},
+            "cache": {k: cache[k] for k in ("cache", "layer", "sublayer", *CACHE_SETTINGS) if k in cache},
             "regime": cache.get("regime"),
             "settings": {k: getattr(cfg, k) for k in ("width", "expansion", "buffer_tokens", "heldout_fraction",
                                                       "eval_tokens", "delta_lm_sequences", "match_threshold",
@@ -165,7 +174,7 @@ def _score(targets: list, cache: dict, cfg: QualityConfig) -> list[dict]:
     from evaluate.evaluation import evaluate_targets
     from evaluate.features import feature_recovery
     eval_cfg = EvalConfig(run="", max_tokens=cfg.eval_tokens, progress=cfg.progress, plots=False,
-                          delta_lm_sequences=cfg.delta_lm_sequences if cache["features"] is None else 0,
+                          delta_lm_sequences=_setting(cache, cfg, "delta_lm_sequences") if cache["features"] is None else 0,
                           device=cfg.device)
     results = evaluate_targets(targets, eval_cfg)
     features = true_features(cache["cache"]) if cache["features"] else None
@@ -181,7 +190,8 @@ def _score(targets: list, cache: dict, cfg: QualityConfig) -> list[dict]:
             got = feature_recovery(t.sae.W_dec, features, cfg.match_threshold)
             row["mmcs"], row["recovered"] = got["mean_max_cosine"], got["recovered_fraction"]
         lm = r.get("delta_lm", {})
-        for k in ("delta_ce", "fraction_recovered", "fraction_recovered_mean"):
+        for k in ("delta_ce", "delta_ce_se", "fraction_recovered", "fraction_recovered_mean", "kl_spliced",
+                  "kl_spliced_se"):
             if isinstance(lm.get(k), float):
                 row[k] = lm[k]
         rows.append(row)

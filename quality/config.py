@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -16,6 +16,10 @@ class LMCache:
     cache: str = MISSING                 # a harvested cache (make harvest)
     layer: int = MISSING
     sublayer: str = MISSING
+    # This cache's own held-out fraction and delta-LM sequences (None: the benchmark's): a small cache
+    # needs a larger share held out for its delta LM loss to be measured to a few percent.
+    heldout_fraction: Optional[float] = None
+    delta_lm_sequences: Optional[int] = None
 
 
 @dataclass

@@ -46,17 +46,19 @@ def sweep_members(arms) -> list[dict]:
     return members
 
 
-def train_ours(arms, cache: str, layer: int, sublayer: str, run_dir: Path, budget, cfg) -> dict:
+def train_ours(arms, cache: str, layer: int, sublayer: str, run_dir: Path, budget, cfg,
+               heldout_fraction: float | None = None) -> dict:
     """Train the arms at this budget with `python -m train.sweep`; {member name: run folder}, and the
     median milliseconds per member step (the sweep's tokens/s over its logging intervals, shared by
     its members in lock-step)."""
     steps = int(budget.tokens) // budget.batch_size
     members = sweep_members(arms)
+    heldout_fraction = cfg.heldout_fraction if heldout_fraction is None else heldout_fraction
     cmd = [sys.executable, "-m", "train.sweep",
            f"cache={_value(str(cache))}", f"layer={layer}", f"sublayer={sublayer}", f"run_dir={_value(str(run_dir))}",
            "sweep=none", f"sweep.members={_value(members)}",
            f"train.total_tokens={int(budget.tokens)}", f"loader.batch_size={budget.batch_size}",
-           f"loader.buffer_tokens={cfg.buffer_tokens}", f"loader.heldout_fraction={cfg.heldout_fraction}",
+           f"loader.buffer_tokens={cfg.buffer_tokens}", f"loader.heldout_fraction={heldout_fraction}",
            f"loader.seed={cfg.seed}", f"train.seed={cfg.seed}", f"optim.lr={budget.lr}",
            f"optim.lr_warmup_steps={budget.lr_warmup_steps}",
            f"optim.lambda_warmup_steps={max(1, int(budget.sparsity_warmup_fraction * steps))}",

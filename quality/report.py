@@ -12,7 +12,11 @@ from evaluate.equal_l0 import MAX_L0_GAP, comparison_l0s, covers, finite as _fin
 
 # metric -> (title, higher is better)
 METRICS = {"fvu": ("FVU", False), "recovered": ("true features recovered", True),
-           "mmcs": ("MMCS", True), "alive": ("alive latents", True), "delta_ce": ("delta LM loss", False)}
+           "mmcs": ("MMCS", True), "alive": ("alive latents", True), "delta_ce": ("delta LM loss", False),
+           "kl_spliced": ("KL to the clean LM", False)}
+# The compared metrics, in the report's order; a metric with a row field "<metric>_se" (the LM ones: over
+# held-out sequences) is read with its standard error, interpolated like the metric on the same arm.
+COMPARED = ("fvu", "recovered", "delta_ce", "kl_spliced", "alive")
 TRAINERS = ("ours", "saelens")
 
 
@@ -41,11 +45,32 @@ def best_at_equal_l0(rows: list[dict], metric: str) -> dict:
             cands = [(float(np.interp(x, cx, cy)), a) for a, (cx, cy) in curves[t].items() if covers(cx, x)]
             if cands:               # none where this L0 falls in a gap of every arm of a trainer
                 point[t], point[f"{t}_arm"] = (max if higher else min)(cands)
+                se = _interpolated_se(rows, point[f"{t}_arm"], metric, x)
+                if se is not None:
+                    point[f"{t}_se"] = se
         if not all(t in point for t in TRAINERS):
             continue
         point["ours_better"] = point["ours"] > point["saelens"] if higher else point["ours"] < point["saelens"]
         points.append(point)
     return {"metric": metric, "points": points}
+
+
+def _interpolated_se(rows: list[dict], arm: str, metric: str, x: float):
+    """The arm's standard error of `metric` at log-L0 x, read like the metric; None where a row of the
+    arm has the metric but not its standard error (results kept from before they were recorded)."""
+    mine = [r for r in rows if r["arm"] == arm and _finite(r.get(metric))]
+    if not mine or not all(_finite(r.get(f"{metric}_se")) for r in mine):
+        return None
+    cx, cy = frontier(rows, "arm", arm, f"{metric}_se")
+    return float(np.interp(x, cx, cy))
+
+
+def _within_noise(p: dict) -> bool:
+    """Whether the two trainers' values at a point differ by less than two standard errors of the
+    difference (the errors taken as independent: each SAE on the same sequences, so this errs wide)."""
+    if "ours_se" not in p or "saelens_se" not in p:
+        return False
+    return abs(p["ours"] - p["saelens"]) < 2 * math.hypot(p["ours_se"], p["saelens_se"])
 
 
 def _fmt(v) -> str:
@@ -58,16 +83,18 @@ def frontier_plot(rows: list[dict], title: str, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metrics = [m for m in ("fvu", "recovered", "delta_ce", "alive") if any(_finite(r.get(m)) for r in rows)]
+    metrics = [m for m in COMPARED if any(_finite(r.get(m)) for r in rows)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 4.2), squeeze=False)
     arms = sorted({(r["trainer"], r["arm"]) for r in rows})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, metric in zip(axes[0], metrics):
         for i, (trainer, arm) in enumerate(arms):
-            pts = sorted((r["l0"], r[metric]) for r in rows if r["arm"] == arm and _finite(r.get(metric)))
-            if pts:
-                ax.plot(*zip(*pts), "-o" if trainer == "ours" else "--s", color=colours[i % len(colours)],
-                        label=arm, markersize=4)
+            mine = sorted((r for r in rows if r["arm"] == arm and _finite(r.get(metric))), key=lambda r: r["l0"])
+            if mine:
+                se = [r.get(f"{metric}_se") for r in mine]
+                ax.errorbar([r["l0"] for r in mine], [r[metric] for r in mine],
+                            yerr=se if all(map(_finite, se)) else None, fmt="-o" if trainer == "ours" else "--s",
+                            color=colours[i % len(colours)], label=arm, markersize=4, capsize=2)
         ax.set_xscale("log")
         ax.set_xlabel("L0 (held-out)")
         ax.set_ylabel(METRICS[metric][0] + (" (higher is better)" if METRICS[metric][1] else " (lower is better)"))
@@ -90,11 +117,27 @@ def _summary_cell(cmp: dict, metric: str) -> str:
     sign = 1.0 if METRICS[metric][1] else -1.0
     rel = [sign * (p["ours"] - p["saelens"]) / abs(p["saelens"]) for p in pts if p["saelens"] != 0]
     median = f" ({100 * float(np.median(rel)):+.0f}%)" if rel else ""
-    return f"{sum(p['ours_better'] or p['ours'] == p['saelens'] for p in pts)} of {len(pts)}{median}"
+    behind = [p for p in pts if not (p["ours_better"] or p["ours"] == p["saelens"])]
+    noise = f"; {sum(map(_within_noise, behind))} of the other {len(behind)} within 2 s.e." \
+        if behind and any("ours_se" in p for p in pts) else ""
+    return f"{len(pts) - len(behind)} of {len(pts)}{median}{noise}"
+
+
+def _with_se(p: dict, trainer: str) -> str:
+    se = p.get(f"{trainer}_se")
+    return f"{p[trainer]:.4g}" + (f" ± {se:.2g}" if se is not None else "")
+
+
+def _verdict(p: dict) -> str:
+    if p["ours_better"]:
+        return "yes"
+    if p["ours"] == p["saelens"]:
+        return "level"
+    return "no (within 2 s.e.)" if _within_noise(p) else "no"
 
 
 def write_report(results: dict, out: Path) -> Path:
-    metrics = ("fvu", "recovered", "delta_ce", "alive")
+    metrics = COMPARED
     for run in results["runs"]:
         run["comparisons"] = [best_at_equal_l0(run["rows"], m) for m in metrics
                               if any(_finite(r.get(m)) for r in run["rows"])]
@@ -104,14 +147,16 @@ def write_report(results: dict, out: Path) -> Path:
              "arm's frontier interpolated in log L0 (an arm only between SAEs of its sweep at most",
              f"{MAX_L0_GAP:g}x apart in L0), the best arm of each trainer.", "",
              "At how many of those L0s our best arm is at least as good as SAELens's best (median relative",
-             "difference, positive: ours better):", "",
+             "difference, positive: ours better; on LM caches, how many of the L0s where ours is behind differ",
+             "by less than two standard errors over the held-out sequences):", "",
              "| cache / budget | " + " | ".join(METRICS[m][0] for m in metrics) + " |", "|---|" + "---|" * len(metrics)]
     for run in results["runs"]:
         by_metric = {c["metric"]: c for c in run["comparisons"]}
         lines.append(f"| {run['cache']['name']} / {run['budget']['name']} | "
                      + " | ".join(_summary_cell(by_metric[m], m) if m in by_metric else "" for m in metrics) + " |")
     lines.append("")
-    columns = ["arm", "level", "l0", "fvu", "recovered", "mmcs", "alive", "dead_fraction", "delta_ce", "ms_per_step"]
+    columns = ["arm", "level", "l0", "fvu", "recovered", "mmcs", "alive", "dead_fraction", "delta_ce", "delta_ce_se",
+               "kl_spliced", "kl_spliced_se", "ms_per_step"]
     for run in results["runs"]:
         cache, budget, rows = run["cache"], run["budget"], run["rows"]
         title = f"{cache['name']} / {budget['name']} ({budget['tokens']:.3g} tokens, lr {budget['lr']:g})"
@@ -122,8 +167,8 @@ def write_report(results: dict, out: Path) -> Path:
             lines.append(f"**{METRICS[metric][0]}** at equal L0:" + (f" {cmp.get('note', 'no L0 that both trainers reach')}" if not cmp["points"] else ""))
             if cmp["points"]:
                 lines += ["", "| L0 | ours (best arm) | SAELens (best arm) | ours better |", "|---|---|---|---|"]
-                lines += [f"| {p['l0']:.3g} | {p['ours']:.4g} ({p['ours_arm']}) | {p['saelens']:.4g} ({p['saelens_arm']}) "
-                          f"| {'yes' if p['ours_better'] else 'no'} |" for p in cmp["points"]]
+                lines += [f"| {p['l0']:.3g} | {_with_se(p, 'ours')} ({p['ours_arm']}) | {_with_se(p, 'saelens')} "
+                          f"({p['saelens_arm']}) | {_verdict(p)} |" for p in cmp["points"]]
             lines.append("")
         shown = [c for c in columns if any(r.get(c) is not None for r in rows)]
         lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]

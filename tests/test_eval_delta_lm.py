@@ -1,4 +1,5 @@
 """Delta LM loss against direct computations on a tiny Gemma 2 built here."""
+import math
 from contextlib import contextmanager
 
 import pytest
@@ -167,3 +168,30 @@ def test_several_saes_share_the_clean_and_ablated_forwards(model, tokens):
                               batch_sequences=5, progress=False, mean_activation=mean)
         numbers = {k: v for k, v in alone.to_dict().items() if k != "note"}
         assert {k: got.to_dict()[k] for k in numbers} == pytest.approx(numbers, rel=1e-12, abs=1e-12)
+
+
+def _oracle_per_sequence(clean, other, tokens):
+    """Per sequence: mean next-token CE of `other` minus clean's, and mean KL(clean || other)."""
+    V = clean.shape[-1]
+    ce = lambda x: F.cross_entropy(x[:, :-1].double().transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
+    lc, lo = (torch.log_softmax(x[:, :-1].double(), -1) for x in (clean, other))
+    return ce(other) - ce(clean), (lc.exp() * (lc - lo)).sum(-1).mean(1)
+
+
+def test_standard_errors_are_over_sequences(model, tokens):
+    """delta_ce_se and kl_spliced_se: the sample standard deviation (n - 1) of the per-sequence means,
+    over sqrt(n sequences), whatever the batching."""
+    r = delta_lm_loss(model, tokens, LAYER, "mlp_out", affine_sae(32), BOS, splice=site_splice(),
+                      batch_sequences=2, progress=False)
+    with torch.no_grad():
+        clean = model(input_ids=tokens).logits
+    d_ce, kl = _oracle_per_sequence(clean, _oracle_logits(model, tokens, lambda a: 0.5 * a + 0.1), tokens)
+    n = len(tokens)
+    assert r.delta_ce == pytest.approx(d_ce.mean().item(), rel=1e-4)
+    assert r.delta_ce_se == pytest.approx((d_ce.std(correction=1) / n ** 0.5).item(), rel=1e-4)
+    # The KLs are ~1e-4 differences of log-softmaxes taken in float32: their spread agrees to ~3e-4.
+    assert r.kl_spliced_se == pytest.approx((kl.std(correction=1) / n ** 0.5).item(), rel=2e-3)
+    assert r.delta_ce_se > 0 and r.kl_spliced_se > 0
+    one = delta_lm_loss(model, tokens[:1], LAYER, "mlp_out", affine_sae(32), BOS, splice=site_splice(),
+                        progress=False)
+    assert math.isnan(one.delta_ce_se) and math.isnan(one.kl_spliced_se)   # one sequence: no spread

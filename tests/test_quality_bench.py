@@ -305,3 +305,60 @@ def test_best_at_equal_l0_does_not_interpolate_across_a_wide_gap_of_a_sweep():
     rows += [{"arm": "s", "trainer": "saelens", "l0": l, "fvu": 0.4 / l} for l in (2, 4)]
     assert len(best_at_equal_l0(rows, "fvu")["points"]) == 4
     assert all(p["ours"] == pytest.approx(1.25 * p["saelens"]) for p in best_at_equal_l0(rows, "fvu")["points"])
+
+
+def test_lm_metrics_carry_their_standard_errors_into_the_comparison(tmp_path):
+    """delta LM loss is read with its standard error (interpolated on the best arm like the metric); a
+    point where ours is behind by less than two standard errors of the difference is said to be within
+    noise, in the table and in the summary, and one behind by more is not."""
+    from quality.report import best_at_equal_l0, write_report
+    rows = ([{"arm": "o", "trainer": "ours", "l0": l, "fvu": 0.1, "delta_ce": d, "delta_ce_se": 0.01}
+             for l, d in ((10, 0.10), (20, 0.08))] +
+            [{"arm": "s", "trainer": "saelens", "l0": l, "fvu": 0.2, "delta_ce": d, "delta_ce_se": se}
+             for l, d, se in ((10, 0.09, 0.01), (20, 0.01, 0.03))])
+    points = best_at_equal_l0(rows, "delta_ce")["points"]
+    assert [(p["ours_se"], p["saelens_se"]) for p in points] == [(0.01, 0.01), (0.01, 0.03)]
+    # 0.10 vs 0.09: 0.01 < 2 * hypot(0.01, 0.01); 0.08 vs 0.01: 0.07 > 2 * hypot(0.01, 0.03)
+    results = {"runs": [{"cache": {"name": "lm"}, "budget": {"name": "b", "tokens": 1e3, "lr": 1e-3}, "rows": rows}]}
+    report = write_report(results, tmp_path).read_text()
+    table = report.split("**delta LM loss** at equal L0:")[1].split("**")[0]
+    assert "| 0.1 ± 0.01 (o) | 0.09 ± 0.01 (s) | no (within 2 s.e.) |" in table
+    assert "| 0.08 ± 0.01 (o) | 0.01 ± 0.03 (s) | no |" in table
+    summary = next(l for l in report.splitlines() if l.startswith("| lm / b |"))
+    assert "0 of 2 (" in summary and "; 1 of the other 2 within 2 s.e." in summary
+    # results kept from before the errors were recorded: no verdict on noise
+    for r in rows:
+        r.pop("delta_ce_se")
+    report = write_report(results, tmp_path).read_text()
+    assert "within 2 s.e." not in report and "±" not in report
+
+
+def test_an_lm_cache_holds_out_its_own_fraction_for_every_trainer(tmp_path):
+    """LMCache.heldout_fraction: the batches SAELens is given and our sweep's loader hold out that
+    fraction, the scoring reads it, and it keys the cache's results (others keep the benchmark's)."""
+    import quality.bench as bench
+    from quality.config import LMCache
+    from train.cache_reader import heldout_sequences, open_activations
+    from train.loader import ChunkLoader
+    cfg = _small_config(tmp_path, [])
+    synthetic = bench._caches(cfg)[0]                 # written once; the LM entries below point at it
+    cfg.regimes = []
+    cfg.lm_caches = [LMCache(name="own", cache=synthetic["cache"], layer=0, sublayer="resid_post", heldout_fraction=0.4),
+                     LMCache(name="shared", cache=synthetic["cache"], layer=0, sublayer="resid_post")]
+    own, shared = bench._caches(cfg)
+    assert own["heldout_fraction"] == 0.4 and "heldout_fraction" not in shared
+    arm = Arm(name="a", trainer="ours", preset="jumprelu", knob="sparsity_coeff", levels=[0.03])
+    ids = [bench._arm_identity(arm, cfg.budgets[0], c, cfg)["cache"] for c in (own, shared)]
+    assert ids[0] == {**ids[1], "heldout_fraction": 0.4}
+    # SAELens's batches: what a loader holding out 0.4 serves, not what one holding out 0.1 does
+    source = open_activations(own["cache"], 0, "resid_post")
+    loaders = {f: ChunkLoader(source, [int(c) for c in source.complete.nonzero()[0]],
+                              heldout_sequences(source.n_sequences, f, 0), 256, cfg.buffer_tokens, cfg.seed)
+               for f in (0.4, cfg.heldout_fraction)}
+    _, batches = bench._loader_batches(own, cfg, 256)
+    first = next(batches)
+    assert torch.equal(first, loaders[0.4].next_batch().to(torch.float32))
+    assert not torch.equal(first, loaders[cfg.heldout_fraction].next_batch().to(torch.float32))
+    # our sweep trains on the same rule, and the scoring reads it
+    (target,) = bench._targets(own, cfg.budgets[0], cfg, tmp_path / "run", [arm])
+    assert target.heldout["fraction"] == 0.4 and target.meta["heldout"]["fraction"] == 0.4
