@@ -83,8 +83,9 @@ def print_summary(outcome: dict) -> None:
     rows = outcome["rows"]
     width = max([len(r["name"]) for r in rows] + [4])
     for row in rows:
-        lm = row["delta_ce"]
-        lm = (f"  delta CE {lm:.4g}  recovered {row['fraction_recovered']:.4g} (vs zero-ablation), "
+        lm, se = row["delta_ce"], row.get("delta_ce_se")
+        se = f" ± {se:.2g}" if isinstance(se, float) and math.isfinite(se) else ""
+        lm = (f"  delta CE {lm:.4g}{se}  recovered {row['fraction_recovered']:.4g} (vs zero-ablation), "
               f"{row['fraction_recovered_mean']:.4g} (vs mean-ablation)"
               if isinstance(lm, float) and math.isfinite(lm) else "")
         print(f"{row['name']:<{width}}  {row['architecture']:<12} {row['sparsity']:<14} L0 {row['l0']:8.3f}  "
