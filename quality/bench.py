@@ -27,6 +27,10 @@ from .saelens_arm import available as saelens_available, train_saelens
 from .synthetic import LAYER, SUBLAYER, true_features, write_synthetic_cache
 
 
+# Settings an LM cache may set for itself (LMCache); a cache that does is scored and keyed with its own.
+CACHE_SETTINGS = ("heldout_fraction", "delta_lm_sequences")
+
+
 def _caches(cfg: QualityConfig) -> list[dict]:
     out = []
     for regime in cfg.regimes:
@@ -43,10 +47,6 @@ def _caches(cfg: QualityConfig) -> list[dict]:
         out.append({"name": lm.name, "cache": lm.cache, "layer": lm.layer, "sublayer": lm.sublayer,
                     "features": None, **{k: getattr(lm, k) for k in CACHE_SETTINGS if getattr(lm, k) is not None}})
     return out
-
-
-# Settings an LM cache may set for itself (LMCache); a cache that does is scored and keyed with its own.
-CACHE_SETTINGS = ("heldout_fraction", "delta_lm_sequences")
 
 
 def _setting(cache: dict, cfg: QualityConfig, name: str):

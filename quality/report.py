@@ -31,6 +31,7 @@ def best_at_equal_l0(rows: list[dict], metric: str) -> dict:
     higher = METRICS[metric][1]
     arms = {t: sorted({r["arm"] for r in rows if r["trainer"] == t and _finite(r.get(metric))}) for t in TRAINERS}
     curves = {t: {a: frontier(rows, "arm", a, metric) for a in arms[t]} for t in TRAINERS}
+    se_curves = {a: _se_curve(rows, a, metric) for t in TRAINERS for a in arms[t]}
     spans = {t: [(c[0][0], c[0][-1]) for c in curves[t].values() if len(c[0])] for t in TRAINERS}
     if not all(spans[t] for t in TRAINERS):
         return {"metric": metric, "points": [], "note": "a trainer has no SAE with this metric"}
@@ -45,9 +46,9 @@ def best_at_equal_l0(rows: list[dict], metric: str) -> dict:
             cands = [(float(np.interp(x, cx, cy)), a) for a, (cx, cy) in curves[t].items() if covers(cx, x)]
             if cands:               # none where this L0 falls in a gap of every arm of a trainer
                 point[t], point[f"{t}_arm"] = (max if higher else min)(cands)
-                se = _interpolated_se(rows, point[f"{t}_arm"], metric, x)
+                se = se_curves[point[f"{t}_arm"]]
                 if se is not None:
-                    point[f"{t}_se"] = se
+                    point[f"{t}_se"] = float(np.interp(x, *se))
         if not all(t in point for t in TRAINERS):
             continue
         point["ours_better"] = point["ours"] > point["saelens"] if higher else point["ours"] < point["saelens"]
@@ -55,14 +56,12 @@ def best_at_equal_l0(rows: list[dict], metric: str) -> dict:
     return {"metric": metric, "points": points}
 
 
-def _interpolated_se(rows: list[dict], arm: str, metric: str, x: float):
-    """The arm's standard error of `metric` at log-L0 x, read like the metric; None where a row of the
-    arm has the metric but not its standard error (results kept from before they were recorded)."""
-    mine = [r for r in rows if r["arm"] == arm and _finite(r.get(metric))]
-    if not mine or not all(_finite(r.get(f"{metric}_se")) for r in mine):
+def _se_curve(rows: list[dict], arm: str, metric: str):
+    """(log L0, standard error of `metric`) of the arm, read like the metric's frontier; None where a row
+    of the arm has the metric but not its standard error (results kept from before they were recorded)."""
+    if not all(_finite(r.get(f"{metric}_se")) for r in rows if r["arm"] == arm and _finite(r.get(metric))):
         return None
-    cx, cy = frontier(rows, "arm", arm, f"{metric}_se")
-    return float(np.interp(x, cx, cy))
+    return frontier(rows, "arm", arm, f"{metric}_se")
 
 
 def _within_noise(p: dict) -> bool:
@@ -117,7 +116,7 @@ def _summary_cell(cmp: dict, metric: str) -> str:
     sign = 1.0 if METRICS[metric][1] else -1.0
     rel = [sign * (p["ours"] - p["saelens"]) / abs(p["saelens"]) for p in pts if p["saelens"] != 0]
     median = f" ({100 * float(np.median(rel)):+.0f}%)" if rel else ""
-    behind = [p for p in pts if not (p["ours_better"] or p["ours"] == p["saelens"])]
+    behind = [p for p in pts if not _at_least_as_good(p)]
     noise = f"; {sum(map(_within_noise, behind))} of the other {len(behind)} within 2 s.e." \
         if behind and any("ours_se" in p for p in pts) else ""
     return f"{len(pts) - len(behind)} of {len(pts)}{median}{noise}"
@@ -128,11 +127,14 @@ def _with_se(p: dict, trainer: str) -> str:
     return f"{p[trainer]:.4g}" + (f" ± {se:.2g}" if se is not None else "")
 
 
+def _at_least_as_good(p: dict) -> bool:
+    """The target's terms at a point: ours better or level."""
+    return p["ours_better"] or p["ours"] == p["saelens"]
+
+
 def _verdict(p: dict) -> str:
-    if p["ours_better"]:
-        return "yes"
-    if p["ours"] == p["saelens"]:
-        return "level"
+    if _at_least_as_good(p):
+        return "yes" if p["ours_better"] else "level"
     return "no (within 2 s.e.)" if _within_noise(p) else "no"
 
 
