@@ -185,6 +185,42 @@ def test_members_set_their_own_dead_window_and_nothing_else_of_train(cache, tmp_
     assert not (tmp_path / "bad").exists()
 
 
+def test_resampling_on_schedule_and_resumed_bit_for_bit(cache, tmp_path, monkeypatch, capsys):
+    """Thresholds start (and restart) above every pre-activation, so every latent is dead after each
+    64-token window: resampling every 3 steps re-initialises all 16 at steps 3, 6, 9 and 12
+    (train/resample.py). A crash after the checkpoint at step 4 and a resume give the uninterrupted
+    run's weights byte for byte (the draw is seeded by the step)."""
+    args = ("sae.theta_init=3", "train.dead_window_tokens=64", "optim.resample_every_steps=3",
+            "optim.resample_until_fraction=1.0")
+    run_training(make_cfg(cache, tmp_path / "full", *args), single=True)
+    lines = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["resampled"] for l in lines] == [16, 32, 64]
+    run_training(make_cfg(cache, tmp_path / "off", *args[:2]), single=True)
+    off = [json.loads(l) for l in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
+    assert "resampled" not in off[-1] and weights_bytes(tmp_path / "off") != weights_bytes(tmp_path / "full")
+
+    real_step, calls = Member.step, {"n": 0}
+
+    def crashing_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(Member, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(make_cfg(cache, tmp_path / "crash", *args), single=True)
+    monkeypatch.setattr(Member, "step", real_step)
+    run_training(make_cfg(cache, tmp_path / "crash", *args), single=True)
+    assert weights_bytes(tmp_path / "crash") == weights_bytes(tmp_path / "full")
+    capsys.readouterr()
+    run_training(make_cfg(cache, tmp_path / "late", "train.dead_window_tokens=256", "optim.resample_every_steps=3"),
+                 single=True)
+    assert "none will be (set a shorter window)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="resample_until_fraction"):
+        run_training(make_cfg(cache, tmp_path / "bad", "optim.resample_until_fraction=2"), single=True)
+
+
 def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
     x, _, _ = sparse_feature_activations(16 * 48, 8, 12, 2, seed=2)
     x[32 * 20:32 * 21] = 1e30                 # chunk 20 overflows float32 once squared

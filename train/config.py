@@ -72,6 +72,11 @@ class OptimConfig:
     lr_decay_fraction: float = 0.0        # linear decay to 0 over this last fraction of steps (0: none)
     lambda_warmup_steps: int = 10000      # lambda ramped linearly from 0
     grad_clip_norm: float = 0.0           # clip the gradient's global norm to this before each step (0: off)
+    # > 0: every this many steps the latents dead for train.dead_window_tokens are re-initialised toward
+    # inputs the SAE reconstructs worst, and their Adam moments reset (Anthropic 2023; train/resample.py)
+    resample_every_steps: int = 0
+    resample_until_fraction: float = 0.5  # ...only in this first fraction of the steps, so that the last ones train
+    resample_encoder_scale: float = 0.2   # a resampled encoder column's norm, as a multiple of the live ones' mean
     bias_lr_scale: float = 1.0            # the biases' lr (b_enc, b_dec, ...) as a multiple of lr: Adam moves a bias
                                           # ~lr per step in units of the data (E||x||^2 = 1); a trainer on raw
                                           # activations of norm s moves them 1/s as far

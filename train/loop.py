@@ -62,8 +62,17 @@ def fingerprint(cfg, specs) -> dict:
             "cache_identity": {k: attrs.get(k) for k in CACHE_IDENTITY_KEYS},
             "loader": loader, "total_tokens": t.total_tokens, "seed": t.seed,
             "dead_window_tokens": t.dead_window_tokens, "latent_stats_every": t.latent_stats_every,
-            "members": [[s.name, OmegaConf.to_container(s.cfg.sae), OmegaConf.to_container(s.cfg.optim)]
+            "members": [[s.name, OmegaConf.to_container(s.cfg.sae), _optim_fields(s.cfg.optim)]
                         + _own_train_fields(s.cfg.train, t) for s in specs]}
+
+
+def _optim_fields(optim) -> dict:
+    """The member's optim section; without the resampling fields where it does not resample (so that
+    checkpoints written before resampling existed still resume)."""
+    fields = OmegaConf.to_container(optim)
+    if not fields["resample_every_steps"]:
+        fields = {k: v for k, v in fields.items() if not k.startswith("resample_")}
+    return fields
 
 
 def _own_train_fields(member_train, train) -> list:
@@ -137,6 +146,11 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
             print(f"[train] {m.name}: its pre-activation loss acts on latents dead for train.dead_window_tokens="
                   f"{m.cfg.train.dead_window_tokens:g} tokens, more than this run's {total_steps * batch:,}: it "
                   "will never act (set a shorter window)")
+        o = m.cfg.optim
+        if o.resample_every_steps > 0 and m.cfg.train.dead_window_tokens >= o.resample_until_fraction * total_steps * batch:
+            print(f"[train] {m.name}: it resamples latents dead for train.dead_window_tokens="
+                  f"{m.cfg.train.dead_window_tokens:g} tokens, but only in the first {o.resample_until_fraction:g} of "
+                  f"this run's {total_steps * batch:,} tokens: none will be (set a shorter window)")
     start = 0
     if ckpt is not None:
         if ckpt.get("finished"):

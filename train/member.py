@@ -8,6 +8,7 @@ import torch
 
 from .metrics import LatentStats, MetricsLog
 from .optim import lambda_at, lr_at, make_optimizer, remove_parallel_grad, renormalise_rows, threshold_lr_for
+from .resample import resample_dead_latents, resampling_due
 from .sae import build_sae
 
 
@@ -47,6 +48,7 @@ class Member:
         self.optimizer = make_optimizer(self.sae, cfg.optim, self.threshold_lr)
         self.stats = LatentStats(self.sae.d_sae, cfg.train.dead_window_tokens, cfg.train.dense_fraction, device)
         self.log: MetricsLog | None = None
+        self.resampled = 0       # latents resampled so far (train/resample.py)
         self._reset_sums()
 
     def _reset_sums(self):
@@ -73,6 +75,10 @@ class Member:
         self.sae.after_step()
         if track_latents and out.firings is not None:
             self.stats.update(out.firings, x.shape[0])
+        if resampling_due(step, self.total_steps, self.cfg.optim):
+            self.resampled += resample_dead_latents(self.sae, self.optimizer, x, self.stats,
+                                                    self.cfg.optim.resample_encoder_scale,
+                                                    seed=int(self.cfg.train.seed) * 1_000_003 + step)
         loss = out.loss.detach()
         self.losses.append(loss)
         for k, v in (("loss", loss), ("mse", out.mse), ("fvu", out.mse / variance), ("l0", out.l0)):
@@ -92,6 +98,8 @@ class Member:
     def pop_metrics(self) -> dict:
         m = {k: float(v) / self.n for k, v in self.sums.items()} if self.n else {}
         m.update(dead=self.stats.dead(), dense=self.stats.dense(), lr=self.lr, sparsity_coeff=self.lam)
+        if self.cfg.optim.resample_every_steps > 0:
+            m["resampled"] = self.resampled
         m["dead_fraction"] = m["dead"] / self.sae.d_sae
         threshold = getattr(self.sae, "threshold", None)
         if threshold is not None:
@@ -103,9 +111,10 @@ class Member:
 
     def state_dict(self) -> dict:
         return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "stats": self.stats.state_dict()}
+                "stats": self.stats.state_dict(), "resampled": self.resampled}
 
     def load_state_dict(self, state: dict) -> None:
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.stats.load_state_dict(state["stats"])
+        self.resampled = state.get("resampled", 0)

@@ -164,5 +164,9 @@ def check_member(name: str, m) -> None:
     if not 0 <= m.sae.theta_init_quantile < 1 or m.optim.grad_clip_norm < 0 or min(m.sae.threshold_lr, m.sae.threshold_travel) < 0:
         raise ValueError(f"member {name!r}: sae.theta_init_quantile in [0, 1), optim.grad_clip_norm >= 0 and "
                          "sae.threshold_lr, sae.threshold_travel >= 0 are required")
+    o = m.optim
+    if o.resample_every_steps < 0 or not 0 <= o.resample_until_fraction <= 1 or not o.resample_encoder_scale > 0:
+        raise ValueError(f"member {name!r}: optim.resample_every_steps >= 0, optim.resample_until_fraction in [0, 1] "
+                         "and optim.resample_encoder_scale > 0 are required")
     if m.sae.architecture == "jumprelu" and m.sae.sparsity_loss == "quadratic" and m.sae.target_l0 <= 0:
         raise ValueError(f"member {name!r}: sae.sparsity_loss=quadratic needs sae.target_l0 > 0")

@@ -39,6 +39,10 @@ class LatentStats:
             return torch.zeros_like(self.last_fired, dtype=torch.bool)
         return (self.tokens - self.last_fired) >= self.window
 
+    def revive(self, idx: torch.Tensor) -> None:
+        """Latents `idx` count as having fired now (re-initialised ones: dead again only after a window)."""
+        self.last_fired[idx] = self.tokens
+
     def dense(self) -> int:
         seen = self.seen + self.prev_seen
         if seen == 0:

@@ -110,6 +110,40 @@ class SparseAutoencoder(nn.Module):
         family names its biases b_* (b_dec; b_enc; Gated's b_gate, b_mag)."""
         return [p for name, p in self.named_parameters() if name.startswith("b_")]
 
+    def latent_axes(self) -> dict[str, int]:
+        """{parameter name: its latent axis} for every parameter that holds one slice per latent (all but
+        b_dec: W_enc's columns, W_dec's rows, the per-latent biases and thresholds)."""
+        axes = {}
+        for name, p in self.named_parameters():
+            if name == "b_dec":
+                continue
+            axis = 1 if name == "W_enc" else 0
+            if p.shape[axis] != self.d_sae:
+                raise AssertionError(f"{self.architecture}.{name} {tuple(p.shape)}: no latent axis")
+            axes[name] = axis
+        return axes
+
+    def _reset_value(self, name: str) -> float:
+        """What a re-initialised latent's per-latent parameter `name` (not W_enc, W_dec) starts at."""
+        return 0.0
+
+    @torch.no_grad()
+    def reinitialise_latents(self, idx: torch.Tensor, inputs: torch.Tensor, encoder_scale: float,
+                             alive: torch.Tensor) -> None:
+        """Latents `idx` re-initialised toward `inputs` (one row each; train/resample.py): decoder rows the
+        unit directions of inputs - b_dec at the mean norm of the `alive` latents' rows (1 with unit-norm
+        rows), encoder columns the same directions at encoder_scale times the alive columns' mean norm,
+        every other per-latent parameter at its starting value (biases 0)."""
+        direction = inputs.to(self.W_dec.dtype) - self.b_dec
+        direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        dec_norm = 1.0 if self.unit_norm_decoder else self.W_dec[alive].norm(dim=1).mean()
+        enc_norm = encoder_scale * self.W_enc[:, alive].norm(dim=0).mean()
+        self.W_dec[idx] = direction * dec_norm
+        self.W_enc[:, idx] = direction.T * enc_norm
+        for name in self.latent_axes():
+            if name not in ("W_enc", "W_dec"):
+                self.get_parameter(name)[idx] = self._reset_value(name)
+
     @property
     def uses_dead_mask(self) -> bool:
         """Whether training_loss needs the dead-latent mask (AuxK, pre-activation loss)."""

@@ -105,7 +105,7 @@ class JumpReLUSAE(SparseAutoencoder):
         self.bandwidth, self.sparsity_loss, self.theta_min = float(bandwidth), sparsity_loss, float(theta_min)
         self.theta_parametrisation = theta_parametrisation
         self.target_l0, self.tanh_scale, self.ste_to_input = float(target_l0), float(tanh_scale), bool(ste_to_input)
-        self.pre_act_coeff = float(pre_act_coeff)
+        self.pre_act_coeff, self.theta_init = float(pre_act_coeff), float(theta_init)
         self.b_dec_to_input = bool(b_dec_to_input)
         self.frequency_coeff, self.frequency_target = float(frequency_coeff), float(frequency_target)
         self.matryoshka_widths = self.check_widths(matryoshka_widths)
@@ -141,6 +141,22 @@ class JumpReLUSAE(SparseAutoencoder):
     @property
     def uses_dead_mask(self) -> bool:
         return self.pre_act_coeff > 0
+
+    def _reset_value(self, name):
+        if name == "raw_threshold":
+            return self.theta_init
+        if name == "log_threshold":
+            return float(torch.tensor(self.theta_init).log())
+        return 0.0
+
+    @torch.no_grad()
+    def reinitialise_latents(self, idx, inputs, encoder_scale, alive):
+        """As every family's, the thresholds back at theta_init, and the pooled threshold-gradient sums of
+        these latents emptied (their pooled means count zeros for the next K steps)."""
+        super().reinitialise_latents(idx, inputs, encoder_scale, alive)
+        if self.threshold_pool is not None:
+            self.threshold_pool.near_df[:, idx] = 0
+            self.threshold_pool.near_coef[:, idx] = 0
 
     @torch.no_grad()
     def initialise_from_batch(self, x, cfg) -> None:
