@@ -7,7 +7,8 @@ from a results.json (`RESULTS.json#cache/budget`: the kept docs/quality/results.
 
 Each arm's frontier is interpolated in log L0 (quality/report.py) at L0 values both it and the
 baseline reach; the table gives the mean relative difference there, per metric, and the arm's
-levels in full. Writes the Markdown file and a frontier plot beside it.
+levels in full. True features recovered, a fraction that is 0 over whole L0 ranges (superposition
+above L0 10), is given as the mean difference in percentage points instead. Writes the Markdown file and a frontier plot beside it.
 """
 from __future__ import annotations
 
@@ -58,18 +59,22 @@ def _results_json_arms(source: str) -> dict:
 
 
 def against_baseline(rows: list[dict], arm: str, baseline: str, metric: str) -> dict:
-    """Mean relative difference of `arm` from `baseline` at L0 values both reach (the ablation's
-    equal-L0 comparison, evaluate/ablation.py), signed so that positive means the arm is better;
-    None where the L0 ranges do not overlap or the baseline is not positive."""
+    """Mean relative difference ("better") and mean difference ("difference") of `arm` from `baseline`
+    at L0 values both reach (the ablation's equal-L0 comparison, evaluate/ablation.py), signed so that
+    positive means the arm is better; None where the L0 ranges do not overlap, "better" None also
+    where the baseline is not positive."""
     from evaluate.ablation import compare_at_equal_l0
     labelled = [{**r, "architecture": r["arm"]} for r in rows]
     (entry,) = compare_at_equal_l0(labelled, questions=[(arm, baseline, "")],
                                    metrics=[(metric, METRICS[metric][0])])
-    rel = [p["relative"] for p in entry["points"]]
-    if not rel or any(r is None for r in rel):
-        return {"better": None, "range": None}
+    pts = entry["points"]
+    if not pts:
+        return {"better": None, "difference": None, "range": None}
     sign = 1.0 if METRICS[metric][1] else -1.0
-    return {"better": sign * float(np.mean(rel)), "range": (entry["points"][0]["l0"], entry["points"][-1]["l0"])}
+    rel = [p["relative"] for p in pts]
+    return {"better": None if any(r is None for r in rel) else sign * float(np.mean(rel)),
+            "difference": sign * float(np.mean([p["difference"] for p in pts])),
+            "range": (pts[0]["l0"], pts[-1]["l0"])}
 
 
 def write_recipe_report(rows: list[dict], baseline: str, out: Path, title: str) -> Path:
@@ -80,7 +85,8 @@ def write_recipe_report(rows: list[dict], baseline: str, out: Path, title: str) 
     out.parent.mkdir(parents=True, exist_ok=True)
     plot = frontier_plot(rows, title, out.with_suffix(".png"))
     lines = [f"# {title}", "", f"Each arm against `{baseline}` at equal L0 (log-L0 interpolation over the L0 range both",
-             "reach; mean relative difference, **positive: the arm is better**, whichever way the metric points).", "",
+             "reach; mean relative difference, true features recovered in percentage points; **positive: the arm",
+             "is better**, whichever way the metric points).", "",
              f"![frontier]({plot.name})", "",
              "| arm | L0 range | " + " | ".join(METRICS[m][0] for m in metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]
@@ -91,7 +97,10 @@ def write_recipe_report(rows: list[dict], baseline: str, out: Path, title: str) 
         for m in metrics:
             c = against_baseline(rows, arm, baseline, m)
             span = span or c["range"]
-            cells.append("n/a" if c["better"] is None else f"{100 * c['better']:+.0f}%")
+            if m == "recovered":
+                cells.append("n/a" if c["difference"] is None else f"{100 * c['difference']:+.1f} pts")
+            else:
+                cells.append("n/a" if c["better"] is None else f"{100 * c['better']:+.0f}%")
         rng = f"{span[0]:.2g}-{span[1]:.2g}" if span else "no overlap"
         lines.append(f"| {arm} | {rng} | " + " | ".join(cells) + " |")
     lines += ["", "Every SAE:", "", "| arm | level | L0 | " + " | ".join(METRICS[m][0] for m in metrics) + " |",

@@ -240,7 +240,8 @@ def test_kept_results_of_another_checkout_are_not_trained_again(tmp_path, monkey
 
 def test_recipe_report_compares_arms_at_equal_l0(tmp_path):
     """Arm files from two runs merged; an arm whose FVU is 0.9x the baseline's at every L0 (on other
-    L0 points) reads +10% better, one that recovers 1.2x the features +20%; no overlap says so."""
+    L0 points) reads +10% better and, recovering 0.6 of the features against 0.5, +10 points (also where
+    the baseline recovers none, where a relative difference is undefined); no overlap says so."""
     from quality.recipe_report import against_baseline, load_arms, write_recipe_report
 
     def arm(name, l0s, fvu, rec):
@@ -259,10 +260,14 @@ def test_recipe_report_compares_arms_at_equal_l0(tmp_path):
     rows = load_arms([tmp_path / "a", tmp_path / "b"])
     assert len(rows) == 9
     assert against_baseline(rows, "better", "base", "fvu")["better"] == pytest.approx(0.1)
-    assert against_baseline(rows, "better", "base", "recovered")["better"] == pytest.approx(0.2)
+    recovered = against_baseline(rows, "better", "base", "recovered")
+    assert recovered["better"] == pytest.approx(0.2) and recovered["difference"] == pytest.approx(0.1)
     assert against_baseline(rows, "far", "base", "fvu")["better"] is None
     report = write_recipe_report(rows, "base", tmp_path / "out" / "r.md", "t").read_text()
-    assert "| better | 1.5-6 | +10% | +20% | +0% |" in report and "| far | no overlap |" in report
+    assert "| better | 1.5-6 | +10% | +10.0 pts | +0% |" in report and "| far | no overlap |" in report
+    none = [{**r, "recovered": 0.0} for r in base]
+    recovered = against_baseline(none + better, "better", "base", "recovered")
+    assert recovered["better"] is None and recovered["difference"] == pytest.approx(0.6)
     # the same baseline from a results.json (the kept results), only the arm asked for
     results = {"runs": [{"cache": {"name": "other"}, "budget": {"name": "short"}, "rows": far},
                         {"cache": {"name": "c"}, "budget": {"name": "short"}, "rows": base + far}]}
