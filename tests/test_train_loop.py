@@ -195,7 +195,7 @@ def test_resampling_on_schedule_and_resumed_bit_for_bit(cache, tmp_path, monkeyp
     run_training(make_cfg(cache, tmp_path / "full", *args), single=True)
     lines = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [l["resampled"] for l in lines] == [16, 32, 64]
-    run_training(make_cfg(cache, tmp_path / "off", *args[:2]), single=True)
+    run_training(make_cfg(cache, tmp_path / "off", *args[:2], "optim.resample_every_steps=0"), single=True)
     off = [json.loads(l) for l in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
     assert "resampled" not in off[-1] and weights_bytes(tmp_path / "off") != weights_bytes(tmp_path / "full")
 
@@ -214,7 +214,8 @@ def test_resampling_on_schedule_and_resumed_bit_for_bit(cache, tmp_path, monkeyp
     run_training(make_cfg(cache, tmp_path / "crash", *args), single=True)
     assert weights_bytes(tmp_path / "crash") == weights_bytes(tmp_path / "full")
     capsys.readouterr()
-    run_training(make_cfg(cache, tmp_path / "late", "train.dead_window_tokens=256", "optim.resample_every_steps=3"),
+    run_training(make_cfg(cache, tmp_path / "late", "train.dead_window_tokens=256", "optim.resample_every_steps=3",
+                           "optim.resample_until_fraction=0.5"),
                  single=True)
     assert "none will be (set a shorter window)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="resample_until_fraction"):
