@@ -8,7 +8,8 @@ from a results.json (`RESULTS.json#cache/budget`: the kept docs/quality/results.
 Each arm's frontier is interpolated in log L0 (quality/report.py) at L0 values both it and the
 baseline reach; the table gives the mean relative difference there, per metric, and the arm's
 levels in full. True features recovered, a fraction that is 0 over whole L0 ranges (superposition
-above L0 10), is given as the mean difference in percentage points instead. Writes the Markdown file and a frontier plot beside it.
+above L0 10), is given as the mean difference in percentage points instead. Writes the Markdown
+file and a frontier plot beside it.
 """
 from __future__ import annotations
 

@@ -116,11 +116,11 @@ class JumpReLUSAE(SparseAutoencoder):
                                if threshold_grad_pool != "none" else None)
         self.W_enc = nn.Parameter(self.W_dec.detach().T.clone())
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
-        theta = torch.full((self.d_sae,), float(theta_init))
+        theta = self._stored_threshold(torch.full((self.d_sae,), float(theta_init)))
         if theta_parametrisation == "raw":
             self.raw_threshold = nn.Parameter(theta)
         else:
-            self.log_threshold = nn.Parameter(theta.log())
+            self.log_threshold = nn.Parameter(theta)
 
     @property
     def threshold(self) -> torch.Tensor:
@@ -142,11 +142,13 @@ class JumpReLUSAE(SparseAutoencoder):
     def uses_dead_mask(self) -> bool:
         return self.pre_act_coeff > 0
 
+    def _stored_threshold(self, theta: torch.Tensor) -> torch.Tensor:
+        """Thresholds as the parameter holds them (raw_threshold, or log_threshold)."""
+        return theta if self.theta_parametrisation == "raw" else theta.log()
+
     def _reset_value(self, name):
-        if name == "raw_threshold":
-            return self.theta_init
-        if name == "log_threshold":
-            return float(torch.tensor(self.theta_init).log())
+        if name in ("raw_threshold", "log_threshold"):
+            return self._stored_threshold(torch.tensor(self.theta_init))
         return 0.0
 
     @torch.no_grad()
@@ -167,10 +169,7 @@ class JumpReLUSAE(SparseAutoencoder):
         if q > 0:
             pre = x @ self.W_enc + self.b_enc
             theta = torch.quantile(pre.float(), 1.0 - q, dim=0).clamp_min(max(self.theta_min, 1e-6))
-            if self.theta_parametrisation == "raw":
-                self.raw_threshold.copy_(theta)
-            else:
-                self.log_threshold.copy_(theta.log())
+            self.threshold_parameters()[0].copy_(self._stored_threshold(theta))
 
     @property
     def encoder_bias(self) -> torch.Tensor:
