@@ -2,10 +2,10 @@
 
 For every cache (synthetic regimes with known features, and harvested LM caches) and every budget:
 each arm (a recipe with a sweep of its sparsity knob) is trained on the same rows in the same order
-(our loader, one seed) for the same number of tokens; every SAE is then scored on the same held-out
+(our loader, at each seed) for the same number of tokens; every SAE is then scored on the same held-out
 sequences: L0, FVU, dead and alive latents, recovery of the true features (synthetic), delta LM loss
-(LM caches). Outputs under `out/`: results.json, report.md (tables, comparisons at equal L0) and a
-frontier plot per cache and budget.
+(LM caches). Outputs under `out/`: results.json (a run per cache, budget and seed), report.md (tables,
+comparisons at equal L0 of the means over seeds) and a frontier plot per cache and budget.
 """
 from __future__ import annotations
 
@@ -53,14 +53,14 @@ def _setting(cache: dict, cfg: QualityConfig, name: str):
     return cache.get(name, getattr(cfg, name))
 
 
-def _loader_batches(cache: dict, cfg: QualityConfig, batch_size: int):
-    """The batches our trainer sees, in its order, as float32 raw activations (what SAELens gets)."""
+def _loader_batches(cache: dict, cfg: QualityConfig, batch_size: int, seed: int = 0):
+    """The batches our trainer sees at `seed`, in its order, as float32 raw activations (what SAELens gets)."""
     from train.cache_reader import heldout_sequences, open_activations
     from train.loader import ChunkLoader
     source = open_activations(cache["cache"], cache["layer"], cache["sublayer"])
     held = heldout_sequences(source.n_sequences, _setting(cache, cfg, "heldout_fraction"), 0)
     loader = ChunkLoader(source, np.flatnonzero(source.complete), held, batch_size, cfg.buffer_tokens,
-                         cfg.seed, device=cfg.device)
+                         seed, device=cfg.device)
 
     def batches():
         while True:
@@ -68,8 +68,8 @@ def _loader_batches(cache: dict, cfg: QualityConfig, batch_size: int):
     return source, batches()
 
 
-def _targets(cache: dict, budget, cfg: QualityConfig, run_dir: Path, arms) -> list:
-    """Train `arms` at `budget`; one EvalTarget per SAE."""
+def _targets(cache: dict, budget, cfg: QualityConfig, run_dir: Path, arms, seed: int = 0) -> list:
+    """Train `arms` at `budget` and `seed`; one EvalTarget per SAE."""
     from evaluate.sources import EvalTarget
     from train.run_folder import load_sae
     ours = [a for a in arms if a.trainer == "ours"]
@@ -81,7 +81,7 @@ def _targets(cache: dict, budget, cfg: QualityConfig, run_dir: Path, arms) -> li
         sweep = run_dir / ("ours-" + hashlib.sha256(trained.encode()).hexdigest()[:8])
         shutil.rmtree(sweep, ignore_errors=True)
         done = train_ours(ours, cache["cache"], cache["layer"], cache["sublayer"], sweep, budget, cfg,
-                          heldout["fraction"])
+                          heldout["fraction"], seed)
         for arm in ours:
             for level in arm.levels:
                 name = member_name(arm.name, level)
@@ -97,11 +97,11 @@ def _targets(cache: dict, budget, cfg: QualityConfig, run_dir: Path, arms) -> li
     steps = int(budget.tokens) // budget.batch_size
     for arm in peers:
         for level in arm.levels:
-            source, batches = _loader_batches(cache, cfg, budget.batch_size)
+            source, batches = _loader_batches(cache, cfg, budget.batch_size, seed)
             d_sae = cfg.width or cfg.expansion * source.width
             sae, timing = train_saelens(arm.preset, arm.knob, level, dict(arm.overrides), batches, source.width, d_sae,
                                         steps, budget.batch_size, budget.lr, budget.lr_warmup_steps,
-                                        max(1, int(budget.sparsity_warmup_fraction * steps)), cfg.device, cfg.seed)
+                                        max(1, int(budget.sparsity_warmup_fraction * steps)), cfg.device, seed)
             name = member_name(arm.name, level)
             meta = {"architecture": arm.preset, "label": arm.name, "trainer": "saelens", "level": level,
                     "ms_per_step": timing["ms_per_step"]}
@@ -117,7 +117,7 @@ def preset_settings(group: str, name: str) -> list:
     return [OmegaConf.to_container(OmegaConf.load(p)) for p in preset_files(group, name)]
 
 
-def _arm_identity(arm, budget, cache: dict, cfg: QualityConfig) -> dict:
+def _arm_identity(arm, budget, cache: dict, cfg: QualityConfig, seed: int = 0) -> dict:
     """What an arm's results depend on (for our arms, the preset's settings too, conf/sae/ and
     conf/optim/: a preset edited in place retrains): if all of it matches, earlier results are reused."""
     preset = {}
@@ -129,9 +129,9 @@ def _arm_identity(arm, budget, cache: dict, cfg: QualityConfig) -> dict:
     return {"arm": asdict(arm), **preset, "budget": asdict(budget),
             "cache": {k: cache[k] for k in ("cache", "layer", "sublayer", *CACHE_SETTINGS) if k in cache},
             "regime": cache.get("regime"),
-            "settings": {k: getattr(cfg, k) for k in ("width", "expansion", "buffer_tokens", "heldout_fraction",
-                                                      "eval_tokens", "delta_lm_sequences", "match_threshold",
-                                                      "seed", "device")}}
+            "settings": {**{k: getattr(cfg, k) for k in ("width", "expansion", "buffer_tokens", "heldout_fraction",
+                                                         "eval_tokens", "delta_lm_sequences", "match_threshold")},
+                         "seed": seed, "device": cfg.device}}
 
 
 def _arm_file(run_dir: Path, arm) -> Path:
@@ -161,12 +161,28 @@ def _cached_rows(run_dir: Path, arm, identity: dict, kept_run: dict | None) -> l
 
 
 def _kept_runs(cfg: QualityConfig) -> dict:
-    """{(cache name, budget name): run} of cfg.kept's results.json ({} without one)."""
-    from .report import results_runs
+    """{(cache name, budget name, seed): run} of cfg.kept's results.json ({} without one)."""
+    from .report import seed_runs
     path = Path(cfg.kept) if cfg.kept else None
     if path is None or not path.is_file():
         return {}
-    return results_runs(path)
+    return seed_runs(path)
+
+
+def arm_seeds(cfg: QualityConfig, cache: str, arm: str) -> list[int]:
+    """The seeds `arm` is trained at on `cache`: the benchmark's, and cfg.repeat's where it names both."""
+    more = cfg.repeat.seeds if cache in cfg.repeat.caches and arm in cfg.repeat.arms else []
+    return sorted(set(cfg.seeds) | set(more))
+
+
+def _check_seeds(cfg: QualityConfig) -> None:
+    if not cfg.seeds:
+        raise ValueError("seeds: at least one")
+    names = {"caches": [r.name for r in cfg.regimes] + [c.name for c in cfg.lm_caches], "arms": [a.name for a in cfg.arms]}
+    for field, known in names.items():
+        unknown = sorted(set(getattr(cfg.repeat, field)) - set(known))
+        if unknown:
+            raise ValueError(f"repeat.{field}: {unknown} not among the benchmark's {field} ({', '.join(known)})")
 
 
 def _score(targets: list, cache: dict, cfg: QualityConfig) -> list[dict]:
@@ -199,11 +215,12 @@ def _score(targets: list, cache: dict, cfg: QualityConfig) -> list[dict]:
 
 
 def run_quality(cfg: QualityConfig) -> dict:
-    """Train and score every arm of every cache and budget; the levels of an arm whose results for the
-    same identity (its settings, the budget, the cache, the scoring) are already in out/ or in the kept
-    results are not retrained, so an interrupted benchmark resumes, `only_arms` runs add to the same
-    report, and a level added to an arm trains that level alone."""
+    """Train and score every arm of every cache and budget at each of its seeds; the levels of an arm
+    whose results for the same identity (its settings, the budget, the cache, the seed, the scoring)
+    are already in out/ or in the kept results are not retrained, so an interrupted benchmark resumes,
+    `only_arms` runs add to the same report, and a level added to an arm trains that level alone."""
     from .report import write_report
+    _check_seeds(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -213,30 +230,40 @@ def run_quality(cfg: QualityConfig) -> dict:
         for budget in cfg.budgets:
             if cfg.only_budgets and budget.name not in cfg.only_budgets:
                 continue
-            run_dir = out / "runs" / cache["name"] / budget.name
-            identities = {a.name: _arm_identity(a, budget, cache, cfg) for a in cfg.arms}
-            kept_run = kept.get((cache["name"], budget.name))
-            cached = {a.name: _cached_rows(run_dir, a, identities[a.name], kept_run) for a in cfg.arms}
-            missing = {a.name: [v for v in a.levels if v not in {r["level"] for r in cached[a.name]}] for a in cfg.arms}
-            todo = [replace(a, levels=missing[a.name]) for a in cfg.arms if missing[a.name] and not cfg.report_only
-                    and (not cfg.only_arms or a.name in cfg.only_arms)]
-            if todo:
-                print(f"[quality] {cache['name']} / {budget.name}: training "
-                      + ", ".join(f"{a.name}@{','.join(f'{v:g}' for v in a.levels)}" for a in todo), flush=True)
-                rows = _score(_targets(cache, budget, cfg, run_dir, todo), cache, cfg)
-                arms = {a.name: a for a in cfg.arms}
-                for arm in (arms[t.name] for t in todo):
-                    new = {r["level"]: r for r in cached[arm.name] + [r for r in rows if r["arm"] == arm.name]}
-                    cached[arm.name] = [new[v] for v in arm.levels if v in new]
-                    path = _arm_file(run_dir, arm)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(json.dumps({"identity": identities[arm.name], "rows": cached[arm.name]},
-                                               indent=1) + "\n")
-            rows = [r for a in cfg.arms if cached[a.name] for r in cached[a.name]]
-            if rows:
-                results["runs"].append({"cache": cache, "budget": asdict(budget), "rows": rows,
-                                        "identities": {a.name: identities[a.name] for a in cfg.arms if cached[a.name]}})
-                (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+            seeds = {a.name: arm_seeds(cfg, cache["name"], a.name) for a in cfg.arms}
+            for seed in sorted(set().union(*seeds.values())):
+                run = _run_seed(cfg, cache, budget, seed, [a for a in cfg.arms if seed in seeds[a.name]],
+                                kept.get((cache["name"], budget.name, seed)))
+                if run is not None:
+                    results["runs"].append(run)
+                    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     report = write_report(results, out)
     print(f"[quality] wrote {report} and {out / 'results.json'}")
     return results
+
+
+def _run_seed(cfg: QualityConfig, cache: dict, budget, seed: int, arms: list, kept_run: dict | None) -> dict | None:
+    """One cache, budget and seed: the arms' rows, trained where neither out/ nor the kept results have
+    them; None where no arm has any."""
+    run_dir = Path(cfg.out) / "runs" / cache["name"] / budget.name / f"seed_{seed}"
+    identities = {a.name: _arm_identity(a, budget, cache, cfg, seed) for a in arms}
+    cached = {a.name: _cached_rows(run_dir, a, identities[a.name], kept_run) for a in arms}
+    missing = {a.name: [v for v in a.levels if v not in {r["level"] for r in cached[a.name]}] for a in arms}
+    todo = [replace(a, levels=missing[a.name]) for a in arms if missing[a.name] and not cfg.report_only
+            and (not cfg.only_arms or a.name in cfg.only_arms)]
+    if todo:
+        print(f"[quality] {cache['name']} / {budget.name} / seed {seed}: training "
+              + ", ".join(f"{a.name}@{','.join(f'{v:g}' for v in a.levels)}" for a in todo), flush=True)
+        rows = _score(_targets(cache, budget, cfg, run_dir, todo, seed), cache, cfg)
+        by_name = {a.name: a for a in arms}
+        for arm in (by_name[t.name] for t in todo):
+            new = {r["level"]: r for r in cached[arm.name] + [r for r in rows if r["arm"] == arm.name]}
+            cached[arm.name] = [new[v] for v in arm.levels if v in new]
+            path = _arm_file(run_dir, arm)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"identity": identities[arm.name], "rows": cached[arm.name]}, indent=1) + "\n")
+    rows = [r for a in arms if cached[a.name] for r in cached[a.name]]
+    if not rows:
+        return None
+    return {"cache": cache, "budget": asdict(budget), "seed": seed, "rows": rows,
+            "identities": {a.name: identities[a.name] for a in arms if cached[a.name]}}

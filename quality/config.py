@@ -47,6 +47,15 @@ class Arm:
 
 
 @dataclass
+class Repeat:
+    """Arms trained again at more seeds on some caches, compared by their mean over the seeds: where
+    two trainers' frontiers cross within one seed's spread, one SAE per level cannot say who is ahead."""
+    caches: List[str] = field(default_factory=list)     # cache names (regimes and LM caches)
+    arms: List[str] = field(default_factory=list)
+    seeds: List[int] = field(default_factory=list)      # beside `seeds`
+
+
+@dataclass
 class QualityConfig:
     out: str = "bench_out/quality"
     caches: str = "bench_out/quality/caches"   # synthetic caches, shared by every config that uses them
@@ -70,7 +79,11 @@ class QualityConfig:
     # results.json of an earlier run (conf/quality.yaml: the committed docs/quality/results.json): an arm
     # whose identity is the same there is taken from it rather than retrained, on a fresh clone too.
     kept: str = ""
-    seed: int = 0
+    # Every arm is trained at each of these seeds (initialisation and loader order; the caches and the
+    # held-out rows stay), and `repeat`'s arms at its seeds too; a report of several seeds compares each
+    # SAE's mean over its seeds, with the standard error of that mean (quality/seed_mean.py).
+    seeds: List[int] = field(default_factory=lambda: [0])
+    repeat: Repeat = field(default_factory=Repeat)
     device: str = "cpu"
     # torch threads of every trainer (same for all, so their speeds compare): on a loaded machine more
     # OpenMP threads than free cores spin at barriers and run many times slower than one.

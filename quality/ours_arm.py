@@ -47,8 +47,9 @@ def sweep_members(arms) -> list[dict]:
 
 
 def train_ours(arms, cache: str, layer: int, sublayer: str, run_dir: Path, budget, cfg,
-               heldout_fraction: float | None = None) -> dict:
-    """Train the arms at this budget with `python -m train.sweep`; {member name: run folder}, and the
+               heldout_fraction: float | None = None, seed: int = 0) -> dict:
+    """Train the arms at this budget and seed (the loader's and the initialisation's) with
+    `python -m train.sweep`; {member name: run folder}, and the
     median milliseconds per member step (the sweep's tokens/s over its logging intervals, shared by
     its members in lock-step)."""
     steps = int(budget.tokens) // budget.batch_size
@@ -59,7 +60,7 @@ def train_ours(arms, cache: str, layer: int, sublayer: str, run_dir: Path, budge
            "sweep=none", f"sweep.members={_value(members)}",
            f"train.total_tokens={int(budget.tokens)}", f"loader.batch_size={budget.batch_size}",
            f"loader.buffer_tokens={cfg.buffer_tokens}", f"loader.heldout_fraction={heldout_fraction}",
-           f"loader.seed={cfg.seed}", f"train.seed={cfg.seed}", f"optim.lr={budget.lr}",
+           f"loader.seed={seed}", f"train.seed={seed}", f"optim.lr={budget.lr}",
            f"optim.lr_warmup_steps={budget.lr_warmup_steps}",
            f"optim.lambda_warmup_steps={max(1, int(budget.sparsity_warmup_fraction * steps))}",
            f"sae.width={cfg.width}", f"sae.expansion={cfg.expansion}", "train.checkpoint_every_steps=0",

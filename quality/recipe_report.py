@@ -1,6 +1,7 @@
 """`python -m quality.recipe_report RUN_DIR... --baseline ARM --out FILE.md`: one-change recipe arms
 against a baseline arm at equal L0, from the arm results that quality runs keep
-(`<out>/runs/<cache>/<budget>/arms/*.json`), merged over several runs of the same cache and budget
+(`<out>/runs/<cache>/<budget>/seed_<s>/arms/*.json`; a budget's folder gives each SAE's mean over
+its seeds, quality/seed_mean.py), merged over several runs of the same cache and budget
 (e.g. `make quality` and the recipe study, whose caches are generated from the same seeds), or
 from a results.json (`RESULTS.json#cache/budget`: the kept docs/quality/results.json, say);
 `DIR:arm,arm` takes only some arms of a run (where two runs have an arm of the same name).
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .report import METRICS, frontier_plot, results_runs
+from .seed_mean import mean_rows
 
 
 def load_arms(run_dirs: list) -> list[dict]:
@@ -28,8 +30,7 @@ def load_arms(run_dirs: list) -> list[dict]:
     for entry in run_dirs:
         source, _, only = str(entry).partition(":")
         wanted = set(only.split(",")) if only else None
-        found = _results_json_arms(source) if "#" in source else {
-            p.stem: json.loads(p.read_text())["rows"] for p in sorted((Path(source) / "arms").glob("*.json"))}
+        found = _results_json_arms(source) if "#" in source else _folder_arms(Path(source))
         missing = wanted - set(found) if wanted else set()
         if missing:
             raise FileNotFoundError(f"no results for arms {sorted(missing)} in {source}")
@@ -43,6 +44,17 @@ def load_arms(run_dirs: list) -> list[dict]:
     if not rows:
         raise FileNotFoundError(f"no arm results under {[str(d) for d in run_dirs]} (…/arms/*.json)")
     return rows
+
+
+def _folder_arms(folder: Path) -> dict:
+    """{arm: rows} of a run folder: its arms/*.json, or for a budget's folder (seed_*/arms/*.json) each
+    arm's SAEs as the mean over the seeds it has."""
+    dirs = [folder / "arms"] if (folder / "arms").is_dir() else sorted(folder.glob("seed_*/arms"))
+    per_seed: dict[str, list] = {}
+    for d in dirs:
+        for p in sorted(d.glob("*.json")):
+            per_seed.setdefault(p.stem, []).append(json.loads(p.read_text())["rows"])
+    return {arm: seeds[0] if len(seeds) == 1 else mean_rows(seeds) for arm, seeds in per_seed.items()}
 
 
 def _results_json_arms(source: str) -> dict:
@@ -115,7 +127,7 @@ def write_recipe_report(rows: list[dict], baseline: str, out: Path, title: str) 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dirs", nargs="+", help="<quality out>/runs/<cache>/<budget> folders or "
+    p.add_argument("run_dirs", nargs="+", help="<quality out>/runs/<cache>/<budget>[/seed_<s>] folders or "
                    "RESULTS.json#<cache>/<budget>; DIR:arm,arm takes only those arms from DIR")
     p.add_argument("--baseline", required=True)
     p.add_argument("--out", type=Path, required=True)

@@ -1,5 +1,6 @@
-"""The quality benchmark's report: per cache and budget a table of every SAE, the best of each trainer
-at equal L0 (each arm's frontier interpolated in log L0), and a frontier plot."""
+"""The quality benchmark's report: per cache and budget a table of every SAE (the mean over its seeds
+where it was trained at several), the best of each trainer at equal L0 (each arm's frontier
+interpolated in log L0), and a frontier plot."""
 from __future__ import annotations
 
 import json
@@ -10,19 +11,29 @@ import numpy as np
 
 from evaluate.equal_l0 import MAX_L0_GAP, comparison_l0s, covers, finite as _finite, frontier
 
+from .seed_mean import merged_runs, run_seed
+
 # metric -> (title, higher is better)
 METRICS = {"fvu": ("FVU", False), "recovered": ("true features recovered", True),
            "mmcs": ("MMCS", True), "alive": ("alive latents", True), "delta_ce": ("delta LM loss", False),
            "kl_spliced": ("KL to the clean LM", False)}
 # The compared metrics, in the report's order; a metric with a row field "<metric>_se" (the LM ones: over
-# held-out sequences) is read with its standard error, interpolated like the metric on the same arm.
+# held-out sequences; any, over seeds) is read with its standard error, interpolated like the metric on
+# the same arm.
 COMPARED = ("fvu", "recovered", "delta_ce", "kl_spliced", "alive")
 TRAINERS = ("ours", "saelens")
 
 
+def seed_runs(path) -> dict:
+    """{(cache name, budget name, seed): run} of a results.json (out/'s, or the kept docs/quality/results.json)."""
+    return {(r["cache"]["name"], r["budget"]["name"], run_seed(r)): r for r in json.loads(Path(path).read_text())["runs"]}
+
+
 def results_runs(path) -> dict:
-    """{(cache name, budget name): run} of a results.json (out/'s, or the kept docs/quality/results.json)."""
-    return {(r["cache"]["name"], r["budget"]["name"]): r for r in json.loads(Path(path).read_text())["runs"]}
+    """{(cache name, budget name): run} of a results.json, a run of several seeds as their means
+    (quality/seed_mean.py)."""
+    runs = merged_runs(json.loads(Path(path).read_text())["runs"])
+    return {(r["cache"]["name"], r["budget"]["name"]): r for r in runs}
 
 
 def best_at_equal_l0(rows: list[dict], metric: str) -> dict:
@@ -139,8 +150,11 @@ def _verdict(p: dict) -> str:
 
 
 def write_report(results: dict, out: Path) -> Path:
+    """report.md and the frontier plots of `results` (one run per cache, budget and seed; the runs of
+    several seeds compared by their means); each merged run's comparisons are added to it."""
     metrics = COMPARED
-    for run in results["runs"]:
+    runs = merged_runs(results["runs"])
+    for run in runs:
         run["comparisons"] = [best_at_equal_l0(run["rows"], m) for m in metrics
                               if any(_finite(r.get(m)) for r in run["rows"])]
     lines = ["# SAE quality: ours against SAELens, same data", "",
@@ -149,19 +163,22 @@ def write_report(results: dict, out: Path) -> Path:
              "arm's frontier interpolated in log L0 (an arm only between SAEs of its sweep at most",
              f"{MAX_L0_GAP:g}x apart in L0), the best arm of each trainer.", "",
              "At how many of those L0s our best arm is at least as good as SAELens's best (median relative",
-             "difference, positive: ours better; on LM caches, how many of the L0s where ours is behind differ",
-             "by less than two standard errors over the held-out sequences):", "",
+             "difference, positive: ours better; where values have standard errors, how many of the L0s where",
+             "ours is behind differ by less than two of them: on LM caches over the held-out sequences, and",
+             "over the seeds where a cache's arms were trained at several, each SAE then the mean of its seeds):",
+             "",
              "| cache / budget | " + " | ".join(METRICS[m][0] for m in metrics) + " |", "|---|" + "---|" * len(metrics)]
-    for run in results["runs"]:
+    for run in runs:
         by_metric = {c["metric"]: c for c in run["comparisons"]}
         lines.append(f"| {run['cache']['name']} / {run['budget']['name']} | "
                      + " | ".join(_summary_cell(by_metric[m], m) if m in by_metric else "" for m in metrics) + " |")
     lines.append("")
-    columns = ["arm", "level", "l0", "fvu", "recovered", "mmcs", "alive", "dead_fraction", "delta_ce", "delta_ce_se",
-               "kl_spliced", "kl_spliced_se", "ms_per_step"]
-    for run in results["runs"]:
+    columns = ["arm", "level", "seeds", "l0", "fvu", "fvu_se", "recovered", "recovered_se", "mmcs", "alive", "alive_se",
+               "dead_fraction", "delta_ce", "delta_ce_se", "kl_spliced", "kl_spliced_se", "ms_per_step"]
+    for run in runs:
         cache, budget, rows = run["cache"], run["budget"], run["rows"]
-        title = f"{cache['name']} / {budget['name']} ({budget['tokens']:.3g} tokens, lr {budget['lr']:g})"
+        seeds = f", seeds {', '.join(map(str, run['seeds']))}" if len(run["seeds"]) > 1 else ""
+        title = f"{cache['name']} / {budget['name']} ({budget['tokens']:.3g} tokens, lr {budget['lr']:g}{seeds})"
         plot = frontier_plot(rows, title, out / f"frontier_{cache['name']}_{budget['name']}.png")
         lines += [f"## {title}", "", f"![frontier]({plot.name})", ""]
         for cmp in run["comparisons"]:

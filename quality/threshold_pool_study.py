@@ -106,6 +106,8 @@ def run_study(cfg: QualityConfig, docs: Path = DOCS, noise_batches: int = 400) -
     from .bench import _caches, run_quality
     from .ours_arm import train_ours
     from .threshold_noise import format_table
+    if len(cfg.seeds) > 1 or cfg.repeat.seeds:
+        raise ValueError("the threshold-pool study runs at one seed (seeds: [s], no repeat)")
     results = run_quality(cfg)
     docs.mkdir(parents=True, exist_ok=True)
     arms = [a.name for a in cfg.arms]
@@ -131,7 +133,7 @@ def run_study(cfg: QualityConfig, docs: Path = DOCS, noise_batches: int = 400) -
             early_dir = Path(cfg.out) / "runs" / name / "early"
             shutil.rmtree(early_dir, ignore_errors=True)
             early = train_ours([replace(none, levels=[level])], caches[name]["cache"], cache["layer"],
-                               cache["sublayer"], early_dir, early_budget, cfg)
+                               cache["sublayer"], early_dir, early_budget, cfg, seed=cfg.seeds[0])
             noise = {when: noise_at(folder, cache, cfg, level, noise_batches) for when, folder in
                      (("early (10% of the budget)", next(iter(early["folders"].values()))), ("end of training", final))}
         run["noise"] = noise

@@ -78,7 +78,7 @@ def test_every_trainer_sees_the_batches_the_trainer_loop_serves(tmp_path):
     source = open_activations(cache["cache"], 0, "resid_post")
     # what train.loop.train_members builds for the same loader settings
     loop = ChunkLoader(source, [int(c) for c in source.complete.nonzero()[0]],
-                       heldout_sequences(source.n_sequences, cfg.heldout_fraction, 0), 256, cfg.buffer_tokens, cfg.seed)
+                       heldout_sequences(source.n_sequences, cfg.heldout_fraction, 0), 256, cfg.buffer_tokens, cfg.seeds[0])
     for _ in range(20):
         assert torch.equal(next(batches), loop.next_batch().to(torch.float32))
 
@@ -159,7 +159,7 @@ def test_an_arm_done_before_is_not_trained_again(tmp_path, monkeypatch):
     assert {r["arm"] for r in first["runs"][0]["rows"]} == {"a"}
     trained = []
     real = bench._targets
-    monkeypatch.setattr(bench, "_targets", lambda c, b, q, d, todo: trained.append([a.name for a in todo]) or real(c, b, q, d, todo))
+    monkeypatch.setattr(bench, "_targets", lambda c, b, q, d, todo, seed=0: trained.append([a.name for a in todo]) or real(c, b, q, d, todo, seed))
     cfg.only_arms = []
     both = bench.run_quality(cfg)
     assert trained == [["b"]]                                   # a came from its results file
@@ -172,8 +172,8 @@ def test_an_arm_done_before_is_not_trained_again(tmp_path, monkeypatch):
     changed = bench.run_quality(cfg)
     assert trained[-1] == ["a"]
     levels = []
-    monkeypatch.setattr(bench, "_targets", lambda c, b, q, d, todo: levels.append({a.name: a.levels for a in todo})
-                        or real(c, b, q, d, todo))
+    monkeypatch.setattr(bench, "_targets", lambda c, b, q, d, todo, seed=0: levels.append({a.name: a.levels for a in todo})
+                        or real(c, b, q, d, todo, seed))
     cfg.arms[0].levels = [0.1, 0.03]                            # a level added: only it is trained
     added = bench.run_quality(cfg)
     assert levels == [{"a": [0.1]}]
@@ -222,7 +222,7 @@ def test_kept_results_of_another_checkout_are_not_trained_again(tmp_path, monkey
     shutil.rmtree(cfg.out)                                      # a fresh clone: no out/ (the caches stay)
     trained = []
     real = bench._targets
-    monkeypatch.setattr(bench, "_targets", lambda c, b, q, d, todo: trained.append([a.name for a in todo]) or real(c, b, q, d, todo))
+    monkeypatch.setattr(bench, "_targets", lambda c, b, q, d, todo, seed=0: trained.append([a.name for a in todo]) or real(c, b, q, d, todo, seed))
     cfg.kept = str(kept)
     again = bench.run_quality(cfg)
     assert trained == [] and again["runs"][0]["rows"] == first["runs"][0]["rows"]
@@ -358,7 +358,7 @@ def test_an_lm_cache_holds_out_its_own_fraction_for_every_trainer(tmp_path):
     # SAELens's batches: what a loader holding out 0.4 serves, not what one holding out 0.1 does
     source = open_activations(own["cache"], 0, "resid_post")
     loaders = {f: ChunkLoader(source, [int(c) for c in source.complete.nonzero()[0]],
-                              heldout_sequences(source.n_sequences, f, 0), 256, cfg.buffer_tokens, cfg.seed)
+                              heldout_sequences(source.n_sequences, f, 0), 256, cfg.buffer_tokens, cfg.seeds[0])
                for f in (0.4, cfg.heldout_fraction)}
     _, batches = bench._loader_batches(own, cfg, 256)
     first = next(batches)
@@ -367,3 +367,115 @@ def test_an_lm_cache_holds_out_its_own_fraction_for_every_trainer(tmp_path):
     # our sweep trains on the same rule, and the scoring reads it
     (target,) = bench._targets(own, cfg.budgets[0], cfg, tmp_path / "run", [arm])
     assert target.heldout["fraction"] == 0.4 and target.meta["heldout"]["fraction"] == 0.4
+
+
+def test_mean_over_seeds_against_a_direct_computation():
+    """Each SAE's mean over its seeds with the standard error of that mean (n - 1 spread over sqrt(n));
+    an LM metric's own error over held-out sequences (shared by the seeds) added in quadrature; an arm
+    trained at one seed keeps no error it did not have; one seed's run is passed through unchanged."""
+    from quality.seed_mean import merged_runs
+    rng = np.random.default_rng(0)
+    fvu = rng.uniform(0.1, 0.2, size=3)
+    dce, dce_se = rng.uniform(0.01, 0.02, size=3), rng.uniform(1e-3, 2e-3, size=3)
+
+    def run(seed, rows):
+        return {"cache": {"name": "c"}, "budget": {"name": "b"}, "seed": seed, "rows": rows}
+    runs = [run(s, [{"name": "o@1", "arm": "o", "trainer": "ours", "level": 1, "l0": 2.0 + s, "fvu": float(fvu[s]),
+                     "alive": 10 + s, "delta_ce": float(dce[s]), "delta_ce_se": float(dce_se[s])}]
+                + ([{"name": "q@2", "arm": "q", "trainer": "saelens", "level": 2, "l0": 3.0, "fvu": 0.3}] if s == 0 else []))
+            for s in (2, 0, 1)]
+    (merged,) = merged_runs(runs)
+    assert merged["seeds"] == [0, 1, 2]
+    o, q = merged["rows"]
+    assert o["seeds"] == 3 and o["l0"] == pytest.approx(3.0) and o["alive"] == pytest.approx(11.0)
+    assert o["fvu"] == pytest.approx(fvu.mean())
+    assert o["fvu_se"] == pytest.approx(np.std(fvu, ddof=1) / np.sqrt(3))
+    assert o["alive_se"] == pytest.approx(np.std([10, 11, 12], ddof=1) / np.sqrt(3))
+    assert o["delta_ce_se"] == pytest.approx(np.sqrt(np.var(dce, ddof=1) / 3 + np.mean(dce_se ** 2)))
+    assert "l0_se" not in o
+    assert q == {"name": "q@2", "arm": "q", "trainer": "saelens", "level": 2, "seeds": 1, "l0": 3.0, "fvu": 0.3}
+    (alone,) = merged_runs(runs[1:2])
+    assert alone["rows"] is runs[1]["rows"] and alone["seeds"] == [0]
+    with pytest.raises(ValueError, match="seed listed twice"):
+        merged_runs([runs[0], runs[0]])
+
+
+def test_seed_errors_reach_the_verdicts(tmp_path):
+    """Synthetic caches trained at several seeds: the report compares the means, and says where ours
+    is behind by less than two standard errors over the seeds (and not where it is behind by more)."""
+    from quality.report import write_report
+    budget = {"name": "b", "tokens": 1e3, "lr": 1e-3}
+
+    def rows(seed):
+        wobble = 0.001 * (seed - 1)
+        return ([{"arm": "o", "trainer": "ours", "level": l, "l0": l, "fvu": f + wobble, "recovered": 0.5}
+                 for l, f in ((1, 0.301), (2, 0.3))] +
+                [{"arm": "s", "trainer": "saelens", "level": l, "l0": l, "fvu": f - wobble, "recovered": 0.5}
+                 for l, f in ((1, 0.3), (2, 0.2))])
+    results = {"runs": [{"cache": {"name": "syn"}, "budget": budget, "seed": s, "rows": rows(s)} for s in (0, 1, 2)]}
+    report = write_report(results, tmp_path).read_text()
+    assert "## syn / b (1e+03 tokens, lr 0.001, seeds 0, 1, 2)" in report
+    table = report.split("**FVU** at equal L0:")[1].split("**")[0]
+    # L0 1: 0.301 against 0.3, each with s.e. 0.001/sqrt(3): within; L0 2: 0.3 against 0.2: not
+    assert "| 0.301 ± 0.00058 (o) | 0.3 ± 0.00058 (s) | no (within 2 s.e.) |" in table
+    assert "| 0.3 ± 0.00058 (o) | 0.2 ± 0.00058 (s) | no |" in table
+    summary = next(l for l in report.splitlines() if l.startswith("| syn / b |"))
+    assert summary.split(" | ")[1].startswith("0 of 2 (") and "; 1 of the other 2 within 2 s.e." in summary
+    assert "| arm | level | seeds | l0 | fvu | fvu_se | recovered | recovered_se |" in report
+    assert "| o | 1 | 3 | 1 | 0.301 | 0.0005774 | 0.5 | 0 |" in report
+
+
+def test_repeated_arms_train_at_their_seeds_alone(tmp_path, monkeypatch):
+    """cfg.repeat: the arms it names are trained again at its seeds on the caches it names (another
+    initialisation and loader order, the same held-out rows), the others at cfg.seeds alone; each seed's
+    results are kept and found again; the report compares the means over seeds."""
+    import quality.bench as bench
+    from quality.config import Repeat
+    arms = [Arm(name="a", trainer="ours", preset="jumprelu", knob="sparsity_coeff", levels=[0.01, 0.1]),
+            Arm(name="b", trainer="ours", preset="topk", knob="k", levels=[2])]
+    cfg = _small_config(tmp_path, arms)
+    cfg.repeat = Repeat(caches=["tiny"], arms=["a"], seeds=[1])
+    assert bench.arm_seeds(cfg, "tiny", "a") == [0, 1] and bench.arm_seeds(cfg, "tiny", "b") == [0]
+    assert bench.arm_seeds(cfg, "other", "a") == [0]
+    calls = []
+    real = bench._targets
+    monkeypatch.setattr(bench, "_targets", lambda c, b, q, d, todo, seed=0: calls.append((seed, [a.name for a in todo]))
+                        or real(c, b, q, d, todo, seed))
+    results = bench.run_quality(cfg)
+    assert calls == [(0, ["a", "b"]), (1, ["a"])]
+    runs = {r["seed"]: r for r in results["runs"]}
+    assert sorted(runs) == [0, 1] and {r["arm"] for r in runs[1]["rows"]} == {"a"}
+    assert runs[1]["identities"]["a"]["settings"]["seed"] == 1
+    first = {r["level"]: r for r in runs[0]["rows"] if r["arm"] == "a"}
+    again = {r["level"]: r for r in runs[1]["rows"]}
+    assert all(first[v]["fvu"] != again[v]["fvu"] for v in first)           # another seed, another SAE
+    assert (Path(cfg.out) / "runs" / "tiny" / "smoke" / "seed_1" / "arms" / "a.json").is_file()
+    # both trainers' batches follow the seed
+    cache = bench._caches(cfg)[0]
+    assert not torch.equal(next(bench._loader_batches(cache, cfg, 256, 0)[1]),
+                           next(bench._loader_batches(cache, cfg, 256, 1)[1]))
+    report = (Path(cfg.out) / "report.md").read_text()
+    assert "seeds 0, 1)" in report
+    a_mean = next(l for l in report.splitlines() if l.startswith("| a | 0.01 | 2 |"))
+    assert f"{(first[0.01]['fvu'] + again[0.01]['fvu']) / 2:.4g}" in a_mean
+    assert next(l for l in report.splitlines() if l.startswith("| b | 2 | 1 |"))
+    calls.clear()
+    assert bench.run_quality(cfg)["runs"] == results["runs"] and calls == []   # every seed found again
+    cfg.repeat = Repeat(caches=["tiny"], arms=["c"], seeds=[1])
+    with pytest.raises(ValueError, match=r"repeat.arms: \['c'\]"):
+        bench.run_quality(cfg)
+
+
+def test_recipe_report_reads_a_budget_folder_as_the_mean_over_its_seeds(tmp_path):
+    """`runs/<cache>/<budget>` (seed_*/arms/*.json beneath): each SAE the mean of its seeds; a seed's
+    own folder gives that seed's rows alone."""
+    from quality.recipe_report import load_arms
+    for seed, fvu in ((0, 0.2), (1, 0.4)):
+        arms = tmp_path / "short" / f"seed_{seed}" / "arms"
+        arms.mkdir(parents=True)
+        (arms / "x.json").write_text(json.dumps({"rows": [
+            {"arm": "x", "trainer": "ours", "level": 0.1, "l0": 2.0 + seed, "fvu": fvu, "alive": 10}]}))
+    (row,) = load_arms([tmp_path / "short"])
+    assert row["seeds"] == 2 and row["fvu"] == pytest.approx(0.3) and row["l0"] == pytest.approx(2.5)
+    assert row["fvu_se"] == pytest.approx(0.1)                    # std (n-1) 0.1414 / sqrt(2)
+    assert load_arms([tmp_path / "short" / "seed_1"])[0]["fvu"] == 0.4
