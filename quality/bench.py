@@ -126,12 +126,17 @@ def _arm_identity(arm, budget, cache: dict, cfg: QualityConfig, seed: int = 0) -
         optim = preset_settings("optim", arm.preset)
         if optim:                                # only where there is one: other arms keep their identity
             preset["optim_preset"] = optim
-    return {"arm": asdict(arm), **preset, "budget": asdict(budget),
+    where = ("caches",)                          # where it runs, not what it gives there
+    return {"arm": _without(asdict(arm), where), **preset, "budget": _without(asdict(budget), where),
             "cache": {k: cache[k] for k in ("cache", "layer", "sublayer", *CACHE_SETTINGS) if k in cache},
             "regime": cache.get("regime"),
             "settings": {**{k: getattr(cfg, k) for k in ("width", "expansion", "buffer_tokens", "heldout_fraction",
                                                          "eval_tokens", "delta_lm_sequences", "match_threshold")},
                          "seed": seed, "device": cfg.device}}
+
+
+def _without(d: dict, keys) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
 
 
 def _arm_file(run_dir: Path, arm) -> Path:
@@ -169,20 +174,28 @@ def _kept_runs(cfg: QualityConfig) -> dict:
     return seed_runs(path)
 
 
-def arm_seeds(cfg: QualityConfig, cache: str, arm: str) -> list[int]:
-    """The seeds `arm` is trained at on `cache`: the benchmark's, and cfg.repeat's where it names both."""
-    more = cfg.repeat.seeds if cache in cfg.repeat.caches and arm in cfg.repeat.arms else []
+def arm_seeds(cfg: QualityConfig, cache: str, arm) -> list[int]:
+    """The seeds `arm` is trained at on `cache`: none where the arm names other caches, else the
+    benchmark's, and cfg.repeat's where it names both."""
+    if arm.caches and cache not in arm.caches:
+        return []
+    more = cfg.repeat.seeds if cache in cfg.repeat.caches and arm.name in cfg.repeat.arms else []
     return sorted(set(cfg.seeds) | set(more))
 
 
-def _check_seeds(cfg: QualityConfig) -> None:
+def _check_names(cfg: QualityConfig) -> None:
+    """Every cache and arm a setting names is one of the benchmark's (a misspelt name would silently
+    train nothing), and there is a seed."""
     if not cfg.seeds:
         raise ValueError("seeds: at least one")
-    names = {"caches": [r.name for r in cfg.regimes] + [c.name for c in cfg.lm_caches], "arms": [a.name for a in cfg.arms]}
-    for field, known in names.items():
-        unknown = sorted(set(getattr(cfg.repeat, field)) - set(known))
+    caches = [r.name for r in cfg.regimes] + [c.name for c in cfg.lm_caches]
+    named = [("repeat.caches", cfg.repeat.caches, caches), ("repeat.arms", cfg.repeat.arms, [a.name for a in cfg.arms])]
+    named += [(f"budgets[{b.name}].caches", b.caches, caches) for b in cfg.budgets]
+    named += [(f"arms[{a.name}].caches", a.caches, caches) for a in cfg.arms]
+    for where, names, known in named:
+        unknown = sorted(set(names) - set(known))
         if unknown:
-            raise ValueError(f"repeat.{field}: {unknown} not among the benchmark's {field} ({', '.join(known)})")
+            raise ValueError(f"{where}: {unknown} not among the benchmark's ({', '.join(known)})")
 
 
 def _score(targets: list, cache: dict, cfg: QualityConfig) -> list[dict]:
@@ -220,7 +233,7 @@ def run_quality(cfg: QualityConfig) -> dict:
     are already in out/ or in the kept results are not retrained, so an interrupted benchmark resumes,
     `only_arms` runs add to the same report, and a level added to an arm trains that level alone."""
     from .report import write_report
-    _check_seeds(cfg)
+    _check_names(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -228,9 +241,10 @@ def run_quality(cfg: QualityConfig) -> dict:
     kept = _kept_runs(cfg)
     for cache in _caches(cfg):
         for budget in cfg.budgets:
-            if cfg.only_budgets and budget.name not in cfg.only_budgets:
+            if (cfg.only_budgets and budget.name not in cfg.only_budgets) or (budget.caches and
+                                                                              cache["name"] not in budget.caches):
                 continue
-            seeds = {a.name: arm_seeds(cfg, cache["name"], a.name) for a in cfg.arms}
+            seeds = {a.name: arm_seeds(cfg, cache["name"], a) for a in cfg.arms}
             for seed in sorted(set().union(*seeds.values())):
                 run = _run_seed(cfg, cache, budget, seed, [a for a in cfg.arms if seed in seeds[a.name]],
                                 kept.get((cache["name"], budget.name, seed)))

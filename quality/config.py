@@ -30,6 +30,7 @@ class Budget:
     lr: float = 2e-3                     # every trainer's learning rate at this budget
     lr_warmup_steps: int = 100
     sparsity_warmup_fraction: float = 0.1   # of the steps: lambda (or its peer's knob) ramped from 0
+    caches: List[str] = field(default_factory=list)   # the caches run at this budget (names; []: every one)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Arm:
     knob: str = MISSING
     levels: List[float] = field(default_factory=list)
     overrides: Dict[str, Any] = field(default_factory=dict)
+    caches: List[str] = field(default_factory=list)   # the caches this arm is trained on (names; []: every one)
 
 
 @dataclass

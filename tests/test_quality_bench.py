@@ -435,8 +435,9 @@ def test_repeated_arms_train_at_their_seeds_alone(tmp_path, monkeypatch):
             Arm(name="b", trainer="ours", preset="topk", knob="k", levels=[2])]
     cfg = _small_config(tmp_path, arms)
     cfg.repeat = Repeat(caches=["tiny"], arms=["a"], seeds=[1])
-    assert bench.arm_seeds(cfg, "tiny", "a") == [0, 1] and bench.arm_seeds(cfg, "tiny", "b") == [0]
-    assert bench.arm_seeds(cfg, "other", "a") == [0]
+    assert bench.arm_seeds(cfg, "tiny", arms[0]) == [0, 1] and bench.arm_seeds(cfg, "tiny", arms[1]) == [0]
+    assert bench.arm_seeds(cfg, "other", arms[0]) == [0]
+    assert bench.arm_seeds(cfg, "other", Arm(name="a", caches=["tiny"])) == []
     calls = []
     real = bench._targets
     monkeypatch.setattr(bench, "_targets", lambda c, b, q, d, todo, seed=0: calls.append((seed, [a.name for a in todo]))
@@ -463,6 +464,31 @@ def test_repeated_arms_train_at_their_seeds_alone(tmp_path, monkeypatch):
     assert bench.run_quality(cfg)["runs"] == results["runs"] and calls == []   # every seed found again
     cfg.repeat = Repeat(caches=["tiny"], arms=["c"], seeds=[1])
     with pytest.raises(ValueError, match=r"repeat.arms: \['c'\]"):
+        bench.run_quality(cfg)
+
+
+def test_arms_and_budgets_run_on_the_caches_they_name(tmp_path, monkeypatch):
+    """Arm.caches and Budget.caches ([]: every cache): the others are not trained there, and a name
+    that is no cache of the benchmark is refused before anything runs."""
+    import quality.bench as bench
+    arms = [Arm(name="a", trainer="ours", preset="jumprelu", knob="sparsity_coeff", levels=[0.03]),
+            Arm(name="b", trainer="ours", preset="topk", knob="k", levels=[2], caches=["tiny"])]
+    cfg = _small_config(tmp_path, arms)
+    cfg.regimes.append(Regime(name="tiny2", d=8, n_features=24, active_per_token=2, seed=1))
+    cfg.budgets.append(Budget(name="other", tokens=2048, batch_size=256, lr=1e-3, lr_warmup_steps=2, caches=["tiny2"]))
+    calls = []
+    real = bench._targets
+    monkeypatch.setattr(bench, "_targets", lambda c, b, q, d, todo, seed=0: calls.append(
+        (c["name"], b.name, [a.name for a in todo])) or real(c, b, q, d, todo, seed))
+    bench.run_quality(cfg)
+    assert calls == [("tiny", "smoke", ["a", "b"]), ("tiny2", "smoke", ["a"]), ("tiny2", "other", ["a"])]
+    # where an arm runs is not part of what it gives: results kept before are still its own
+    cache = bench._caches(cfg)[0]
+    from dataclasses import replace
+    assert (bench._arm_identity(arms[1], cfg.budgets[1], cache, cfg)
+            == bench._arm_identity(replace(arms[1], caches=[]), replace(cfg.budgets[1], caches=[]), cache, cfg))
+    cfg.arms[1].caches = ["tiny3"]
+    with pytest.raises(ValueError, match=r"arms\[b\].caches: \['tiny3'\]"):
         bench.run_quality(cfg)
 
 
