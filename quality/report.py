@@ -170,7 +170,8 @@ def write_report(results: dict, out: Path) -> Path:
              "| cache / budget | " + " | ".join(METRICS[m][0] for m in metrics) + " |", "|---|" + "---|" * len(metrics)]
     for run in runs:
         by_metric = {c["metric"]: c for c in run["comparisons"]}
-        lines.append(f"| {run['cache']['name']} / {run['budget']['name']} | "
+        seeds = f" ({len(run['seeds'])} seeds)" if len(run["seeds"]) > 1 else ""
+        lines.append(f"| {run['cache']['name']} / {run['budget']['name']}{seeds} | "
                      + " | ".join(_summary_cell(by_metric[m], m) if m in by_metric else "" for m in metrics) + " |")
     lines.append("")
     columns = ["arm", "level", "seeds", "l0", "fvu", "fvu_se", "recovered", "recovered_se", "mmcs", "alive", "alive_se",

@@ -419,7 +419,7 @@ def test_seed_errors_reach_the_verdicts(tmp_path):
     # L0 1: 0.301 against 0.3, each with s.e. 0.001/sqrt(3): within; L0 2: 0.3 against 0.2: not
     assert "| 0.301 ± 0.00058 (o) | 0.3 ± 0.00058 (s) | no (within 2 s.e.) |" in table
     assert "| 0.3 ± 0.00058 (o) | 0.2 ± 0.00058 (s) | no |" in table
-    summary = next(l for l in report.splitlines() if l.startswith("| syn / b |"))
+    summary = next(l for l in report.splitlines() if l.startswith("| syn / b (3 seeds) |"))
     assert summary.split(" | ")[1].startswith("0 of 2 (") and "; 1 of the other 2 within 2 s.e." in summary
     assert "| arm | level | seeds | l0 | fvu | fvu_se | recovered | recovered_se |" in report
     assert "| o | 1 | 3 | 1 | 0.301 | 0.0005774 | 0.5 | 0 |" in report
