@@ -171,7 +171,7 @@ def test_members_set_their_own_dead_window_and_nothing_else_of_train(cache, tmp_
     run_training(make_cfg(cache, tmp_path / "s", "sweep=none", f"sweep.members={members}", "sae.theta_init=3",
                           sweep=True), single=False)
     said = capsys.readouterr().out
-    assert "sweep_window: its pre-activation loss" in said and "will never act" in said
+    assert "sweep_window: its loss on dead latents" in said and "will never act" in said
     assert "short_window: its pre-activation loss" not in said and "no_pre_act: its" not in said
     train_of = {n: json.loads((tmp_path / "s" / n / "sae.json").read_text())["hyperparameters_train"]["train"]
                 for n in ("short_window", "sweep_window")}

@@ -143,7 +143,8 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
                for s in specs]
     for m in members:
         if m.sae.uses_dead_mask and m.cfg.train.dead_window_tokens >= total_steps * batch:
-            print(f"[train] {m.name}: its pre-activation loss acts on latents dead for train.dead_window_tokens="
+            print(f"[train] {m.name}: its loss on dead latents (pre-activation loss, AuxK) acts on latents dead for "
+                  f"train.dead_window_tokens="
                   f"{m.cfg.train.dead_window_tokens:g} tokens, more than this run's {total_steps * batch:,}: it "
                   "will never act (set a shorter window)")
         o = m.cfg.optim
