@@ -172,7 +172,7 @@ def test_members_set_their_own_dead_window_and_nothing_else_of_train(cache, tmp_
                           sweep=True), single=False)
     said = capsys.readouterr().out
     assert "sweep_window: its loss on dead latents" in said and "will never act" in said
-    assert "short_window: its pre-activation loss" not in said and "no_pre_act: its" not in said
+    assert "short_window: its loss on dead latents" not in said and "no_pre_act: its" not in said
     train_of = {n: json.loads((tmp_path / "s" / n / "sae.json").read_text())["hyperparameters_train"]["train"]
                 for n in ("short_window", "sweep_window")}
     assert train_of["short_window"]["dead_window_tokens"] == 64 and train_of["sweep_window"]["dead_window_tokens"] == 1e7
