@@ -338,6 +338,20 @@ def test_lm_metrics_carry_their_standard_errors_into_the_comparison(tmp_path):
     assert "within 2 s.e." not in report and "±" not in report
 
 
+def test_summary_reads_recovery_in_points_and_fvu_relative(tmp_path):
+    """The summary's median difference: relative for FVU, in percentage points for the recovered
+    fraction, where a relative difference on a recovery near 0 explodes (0.4 against 0.004: +9900%)."""
+    from quality.report import write_report
+    rows = ([{"arm": "o", "trainer": "ours", "l0": l, "fvu": 0.09, "recovered": r} for l, r in ((1, 0.4), (2, 0.9))] +
+            [{"arm": "s", "trainer": "saelens", "l0": l, "fvu": 0.1, "recovered": r} for l, r in ((1, 0.004), (2, 0.95))])
+    results = {"runs": [{"cache": {"name": "syn"}, "budget": {"name": "b", "tokens": 1e3, "lr": 1e-3}, "rows": rows}]}
+    summary = next(l for l in write_report(results, tmp_path).read_text().splitlines() if l.startswith("| syn / b |"))
+    fvu, recovered = summary.split(" | ")[1:3]
+    assert fvu == "2 of 2 (+10%)"
+    # the two points' differences: +39.6 and -5 points, median +17.3
+    assert recovered == "1 of 2 (+17.3 pts)"
+
+
 def test_an_lm_cache_holds_out_its_own_fraction_for_every_trainer(tmp_path):
     """LMCache.heldout_fraction: the batches SAELens is given and our sweep's loader hold out that
     fraction, the scoring reads it, and it keys the cache's results (others keep the benchmark's)."""
