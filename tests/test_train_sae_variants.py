@@ -315,6 +315,35 @@ def test_config_builds_every_family_and_rejects_bad_values():
         JumpReLUSAE(4, 8, sparsity_loss="quadratic")
 
 
+def test_tanh_scale_in_anthropic_units_is_c_sqrt_d_on_the_normalised_space():
+    """sae.tanh_scale_unit=sqrt_d (conf/sae/jumprelu_tanh.yaml: Anthropic's c = 4 on data with
+    E||x||^2 = d): the penalty on our normalised codes f equals tanh(4 f') on codes f' = sqrt(d) f of the
+    same data scaled to E||x||^2 = d, which the SAE's own loss must reproduce. Unknown units are refused
+    before any work."""
+    from train.members import check_member
+    from train.config import Config
+    d = 16
+    preset = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "sae" / "jumprelu_tanh.yaml")
+    assert preset.tanh_scale == 4.0 and preset.tanh_scale_unit == "sqrt_d"
+    cfg = OmegaConf.structured(SAEConfig(sparsity_loss="tanh", tanh_scale=4.0, tanh_scale_unit="sqrt_d", width=32))
+    sae = build_sae(cfg, d, torch.Generator().manual_seed(0)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, d, generator=g, dtype=torch.float64) / d ** 0.5          # E||x||^2 = 1
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.rand(32, generator=g, dtype=torch.float64) * 0.3)
+    lam = 0.1
+    out = sae.training_loss(x, lam, "reference")
+    scaled = sae.encode(x) * d ** 0.5 * sae.W_dec.norm(dim=1)                      # Anthropic's f |W_dec|
+    assert (scaled > 0).any()
+    want = lam * torch.tanh(4.0 * scaled).sum(-1).mean()
+    assert float(out.loss - out.mse) == pytest.approx(float(want), rel=1e-9)
+    assert float(build_sae(OmegaConf.structured(SAEConfig(sparsity_loss="tanh", tanh_scale=4.0, width=32)), d,
+                           torch.Generator()).tanh_scale) == 4.0                  # rms: as given
+    bad = OmegaConf.merge(OmegaConf.structured(Config), {"sae": {"tanh_scale_unit": "raw"}})
+    with pytest.raises(ValueError, match="tanh_scale_unit='raw'; choose one of rms, sqrt_d"):
+        check_member("m", bad)
+
+
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "sae").glob("*.yaml")))
 def test_every_preset_builds_and_trains(preset):
     """Each conf/sae preset is a valid SAEConfig whose SAE takes finite steps through the trainer's

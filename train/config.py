@@ -34,6 +34,9 @@ class SAEConfig:
     threshold_travel: float = 8.0
     target_l0: float = 0.0                # jumprelu quadratic: the target L0
     tanh_scale: float = 4.0               # jumprelu tanh: c in tanh(c f)
+    # The activations c applies to: rms, the normalised space's (E||x||^2 = 1); sqrt_d, data scaled to
+    # E||x||^2 = d_in (Anthropic's convention), so that c sqrt(d_in) is used on the normalised space.
+    tanh_scale_unit: str = "rms"
     ste_to_input: bool = False            # jumprelu: the straight-through gradient also reaches pre (Anthropic)
     pre_act_coeff: float = 0.0            # jumprelu: pre-activation loss on dead latents (Anthropic; 0: off)
     frequency_coeff: float = 0.0          # jumprelu: penalty on latents firing above frequency_target (0: off)

@@ -147,7 +147,8 @@ def member_configs(cfg) -> list[tuple[str, object]]:
 CHOICES = {"architecture": ("jumprelu", "relu", "topk", "batchtopk", "gated"),
            "sparsity_loss": ("l0", "quadratic", "l1", "tanh"), "theta_parametrisation": ("raw", "log"),
            "b_dec_init": ("zeros", "mean"),
-           "threshold_grad_pool": ("none", "window", "ema"), "constants_unit": ("rms", "median_norm")}
+           "threshold_grad_pool": ("none", "window", "ema"), "constants_unit": ("rms", "median_norm"),
+           "tanh_scale_unit": ("rms", "sqrt_d")}
 
 
 def check_member(name: str, m) -> None:

@@ -7,6 +7,8 @@ maps the names recorded in sae.json to classes.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import SparseAutoencoder, StepOutput, decoder_init
@@ -23,6 +25,16 @@ def matryoshka_widths(cfg, d_sae: int) -> tuple[int, ...]:
     if any(not 0 < fr <= 1 for fr in fractions):
         raise ValueError(f"sae.matryoshka_fractions {fractions}: each in (0, 1]")
     return tuple(max(1, round(fr * d_sae)) for fr in fractions)
+
+
+def tanh_scale(cfg, d_in: int) -> float:
+    """c of the tanh penalty on the normalised space (E||x||^2 = 1): sae.tanh_scale, given in the units
+    sae.tanh_scale_unit names. Anthropic's c = 4 is on data scaled to E||x||^2 = d_in, where every
+    activation is sqrt(d_in) times ours; c f is the same there with c sqrt(d_in) here."""
+    units = {"rms": 1.0, "sqrt_d": math.sqrt(d_in)}
+    if cfg.tanh_scale_unit not in units:
+        raise ValueError(f"sae.tanh_scale_unit {cfg.tanh_scale_unit!r}: choose one of {sorted(units)}")
+    return float(cfg.tanh_scale) * units[cfg.tanh_scale_unit]
 
 
 def build_sae(cfg, d_in: int, generator: torch.Generator) -> SparseAutoencoder:
@@ -42,7 +54,7 @@ def _family(cfg, d_in: int, generator: torch.Generator) -> SparseAutoencoder:
     if cfg.architecture == "jumprelu":
         return JumpReLUSAE(d_in, d_sae, generator, theta_init=cfg.theta_init, bandwidth=cfg.bandwidth,
                            sparsity_loss=cfg.sparsity_loss, theta_parametrisation=cfg.theta_parametrisation,
-                           theta_min=cfg.theta_min, target_l0=cfg.target_l0, tanh_scale=cfg.tanh_scale,
+                           theta_min=cfg.theta_min, target_l0=cfg.target_l0, tanh_scale=tanh_scale(cfg, d_in),
                            ste_to_input=cfg.ste_to_input, pre_act_coeff=cfg.pre_act_coeff,
                            frequency_coeff=cfg.frequency_coeff, frequency_target=cfg.frequency_target,
                            matryoshka_widths=matryoshka_widths(cfg, d_sae),
@@ -61,4 +73,4 @@ def _family(cfg, d_in: int, generator: torch.Generator) -> SparseAutoencoder:
 
 
 __all__ = ["ARCHITECTURES", "BatchTopKSAE", "GatedSAE", "JumpReLUFunction", "JumpReLUSAE", "ReLUSAE", "SparseAutoencoder",
-           "StepOutput", "TopKSAE", "build_sae", "decoder_init"]
+           "StepOutput", "TopKSAE", "build_sae", "decoder_init", "tanh_scale"]
