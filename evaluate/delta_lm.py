@@ -10,8 +10,8 @@ KL(clean || variant).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Callable, ContextManager, Dict, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Callable, ContextManager, Dict, List, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -41,6 +41,12 @@ class DeltaLMResult:
     # few dozen sequences delta_ce is often within two of them of another SAE's.
     delta_ce_se: float = float("nan")
     kl_spliced_se: float = float("nan")
+    # Per sequence (in the order of the tokens given): the CE increase over clean and the KL, each a
+    # mean over the sequence's predictions (their means are delta_ce and kl_spliced). Two SAEs scored on
+    # the same sequences are compared by the standard error of their per-sequence differences, far
+    # smaller than the two errors above taken as independent (quality/report.py).
+    delta_ce_per_sequence: List[float] = field(default_factory=list)
+    kl_per_sequence: List[float] = field(default_factory=list)
     note: str = ""
 
     def to_dict(self) -> Dict[str, float]:
@@ -144,6 +150,8 @@ class VariantLoss:
     kl: float
     delta_ce_se: float
     kl_se: float
+    delta_ce_per_sequence: List[float]
+    kl_per_sequence: List[float]
 
 
 @torch.no_grad()
@@ -186,7 +194,8 @@ def _variant_losses(model, tokens: torch.Tensor, layer: int, sublayer: str, vari
     for name, (ce, kl) in seqs.items():
         ce, kl = torch.cat(ce) * per_pred, torch.cat(kl) * per_pred
         out[name] = VariantLoss(ce=float(ce.mean()), kl=float(kl.mean()),
-                                delta_ce_se=_standard_error(ce - clean_ce), kl_se=_standard_error(kl))
+                                delta_ce_se=_standard_error(ce - clean_ce), kl_se=_standard_error(kl),
+                                delta_ce_per_sequence=(ce - clean_ce).tolist(), kl_per_sequence=kl.tolist())
     return float(clean_ce.mean()), out, n_seq * (T - 1)
 
 
@@ -245,6 +254,7 @@ def delta_lm_losses(model: torch.nn.Module, tokens: torch.Tensor, layer: int, su
             kl_spliced=kl_spliced, kl_zero=kl_zero,
             ce_mean=ce_mean, fraction_recovered_mean=_recovered(ce_mean, ce_spliced, ce_clean), kl_mean=kl_mean,
             delta_ce_se=v[i].delta_ce_se, kl_spliced_se=v[i].kl_se,
+            delta_ce_per_sequence=v[i].delta_ce_per_sequence, kl_per_sequence=v[i].kl_per_sequence,
             note="" if ce_zero > ce_clean else ("zero-ablating this site does not raise the loss (an untrained "
                                                 "model?): fraction recovered is not meaningful here"),
         ))

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from train.members import preset_files
 
 from .config import QualityConfig
+from .report import PER_SEQUENCE
 from .ours_arm import member_name, train_ours
 from .saelens_arm import available as saelens_available, train_saelens
 from .synthetic import LAYER, SUBLAYER, true_features, write_synthetic_cache
@@ -223,6 +224,9 @@ def _score(targets: list, cache: dict, cfg: QualityConfig) -> list[dict]:
                   "kl_spliced_se"):
             if isinstance(lm.get(k), float):
                 row[k] = lm[k]
+        for metric, key in PER_SEQUENCE.items():        # for paired comparisons (quality/report.py)
+            if lm.get(key):
+                row[key] = [float(f"{v:.6g}") for v in lm[key]]
         rows.append(row)
     return rows
 

@@ -21,6 +21,10 @@ METRICS = {"fvu": ("FVU", False), "recovered": ("true features recovered", True)
 # held-out sequences; any, over seeds) is read with its standard error, interpolated like the metric on
 # the same arm.
 COMPARED = ("fvu", "recovered", "delta_ce", "kl_spliced", "alive")
+# LM metrics scored per held-out sequence (quality/bench.py keeps the lists): two SAEs scored on the same
+# sequences are compared by the standard error of their per-sequence differences (paired), which the
+# sequences' own difficulty, common to both, does not inflate.
+PER_SEQUENCE = {"delta_ce": "delta_ce_per_sequence", "kl_spliced": "kl_per_sequence"}
 # Fractions whose differences read as percentage points: a relative difference on a recovery near 0
 # (the papers' lr on basic: SAELens's BatchTopK recovers 0.4%) reads +3958%.
 IN_POINTS = {"recovered"}
@@ -65,6 +69,9 @@ def best_at_equal_l0(rows: list[dict], metric: str) -> dict:
                     point[f"{t}_se"] = float(np.interp(x, *se))
         if not all(t in point for t in TRAINERS):
             continue
+        paired = [_per_sequence_at(rows, point[f"{t}_arm"], metric, x) for t in TRAINERS]
+        if all(v is not None for v in paired) and len(paired[0]) == len(paired[1]) > 1:
+            point["paired_se"] = float(np.std(paired[0] - paired[1], ddof=1) / math.sqrt(len(paired[0])))
         point["ours_better"] = point["ours"] > point["saelens"] if higher else point["ours"] < point["saelens"]
         points.append(point)
     return {"metric": metric, "points": points}
@@ -78,9 +85,31 @@ def _se_curve(rows: list[dict], arm: str, metric: str):
     return frontier(rows, "arm", arm, f"{metric}_se")
 
 
+def _per_sequence_at(rows: list[dict], arm: str, metric: str, x: float):
+    """The arm's per-sequence values of `metric` at log-L0 x, each interpolated between the arm's SAEs as
+    the metric is (so their mean is the metric's interpolated value); None where a row lacks them."""
+    key = PER_SEQUENCE.get(metric)
+    own = [r for r in rows if r["arm"] == arm and _finite(r.get(metric)) and _finite(r.get("l0")) and r["l0"] > 0]
+    if key is None or not own or not all(r.get(key) for r in own):
+        return None
+    own.sort(key=lambda r: r["l0"])
+    log_l0 = np.log([r["l0"] for r in own])
+    values = np.array([r[key] for r in own], dtype=float)            # [SAEs, sequences]
+    j = int(np.clip(np.searchsorted(log_l0, x), 1, len(own) - 1)) if len(own) > 1 else 0
+    if len(own) == 1 or x <= log_l0[0]:
+        return values[0]
+    if x >= log_l0[-1]:
+        return values[-1]
+    w = (x - log_l0[j - 1]) / (log_l0[j] - log_l0[j - 1])
+    return (1 - w) * values[j - 1] + w * values[j]
+
+
 def _within_noise(p: dict) -> bool:
     """Whether the two trainers' values at a point differ by less than two standard errors of the
-    difference (the errors taken as independent: each SAE on the same sequences, so this errs wide)."""
+    difference: of the per-sequence differences where both were scored per sequence (paired), else
+    the two errors taken as independent (each SAE on the same sequences, so this errs wide)."""
+    if "paired_se" in p:
+        return abs(p["ours"] - p["saelens"]) < 2 * p["paired_se"]
     if "ours_se" not in p or "saelens_se" not in p:
         return False
     return abs(p["ours"] - p["saelens"]) < 2 * math.hypot(p["ours_se"], p["saelens_se"])
@@ -172,7 +201,8 @@ def write_report(results: dict, out: Path) -> Path:
              "At how many of those L0s our best arm is at least as good as SAELens's best (median relative",
              "difference, of true features recovered in percentage points, positive: ours better; where values",
              "have standard errors, how many of the L0s where ours is behind differ by less than two of them:",
-             "on LM caches over the held-out sequences, and over the seeds where a cache's arms were trained",
+             "on LM caches over the held-out sequences (of the two SAEs' per-sequence differences where both",
+             "were scored per sequence), and over the seeds where a cache's arms were trained",
              "at several, each SAE then the mean of its seeds):",
              "",
              "| cache / budget | " + " | ".join(METRICS[m][0] for m in metrics) + " |", "|---|" + "---|" * len(metrics)]

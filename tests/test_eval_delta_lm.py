@@ -180,7 +180,7 @@ def _oracle_per_sequence(clean, other, tokens):
 
 def test_standard_errors_are_over_sequences(model, tokens):
     """delta_ce_se and kl_spliced_se: the sample standard deviation (n - 1) of the per-sequence means,
-    over sqrt(n sequences), whatever the batching."""
+    over sqrt(n sequences), whatever the batching; the per-sequence values kept in order."""
     r = delta_lm_loss(model, tokens, LAYER, "mlp_out", affine_sae(32), BOS, splice=site_splice(),
                       batch_sequences=2, progress=False)
     with torch.no_grad():
@@ -192,6 +192,9 @@ def test_standard_errors_are_over_sequences(model, tokens):
     # The KLs are ~1e-4 differences of log-softmaxes taken in float32: their spread agrees to ~3e-4.
     assert r.kl_spliced_se == pytest.approx((kl.std(correction=1) / n ** 0.5).item(), rel=2e-3)
     assert r.delta_ce_se > 0 and r.kl_spliced_se > 0
+    # the per-sequence values themselves, in the tokens' order (for paired comparisons of two SAEs)
+    torch.testing.assert_close(torch.tensor(r.delta_ce_per_sequence, dtype=torch.float64), d_ce, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(r.kl_per_sequence, dtype=torch.float64), kl, rtol=2e-3, atol=1e-7)
     one = delta_lm_loss(model, tokens[:1], LAYER, "mlp_out", affine_sae(32), BOS, splice=site_splice(),
                         progress=False)
     assert math.isnan(one.delta_ce_se) and math.isnan(one.kl_spliced_se)   # one sequence: no spread

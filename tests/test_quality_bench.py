@@ -352,6 +352,70 @@ def test_summary_reads_recovery_in_points_and_fvu_relative(tmp_path):
     assert recovered == "1 of 2 (+17.3 pts)"
 
 
+def test_lm_metrics_scored_per_sequence_are_compared_paired(tmp_path):
+    """Where both SAEs carry per-sequence delta LM losses (the same held-out sequences), a gap is judged
+    against the standard error of the per-sequence differences, interpolated along each arm as the
+    metric is: a small gap that every sequence shows is beyond noise though the unpaired errors (which
+    the sequences' difficulty inflates) would call it within; a gap that flips sign from sequence to
+    sequence stays within noise."""
+    from quality.report import best_at_equal_l0, write_report
+    rng = np.random.default_rng(0)
+    n = 200
+    difficulty = rng.normal(0.05, 0.03, size=n)                    # shared by every SAE
+    def seqs(shift, noise):
+        return difficulty + shift + noise * rng.normal(size=n)
+    o = {10: seqs(0.002, 1e-4), 40: seqs(0.001, 1e-4)}                # ours: 0.0015 worse at L0 20, consistently
+    s = {10: seqs(0.0, 1e-4), 40: seqs(0.0, 1e-4)}
+    rows = [{"arm": arm, "trainer": t, "l0": l0, "fvu": 0.1, "delta_ce": float(v.mean()),
+             "delta_ce_se": float(v.std(ddof=1) / np.sqrt(n)), "delta_ce_per_sequence": v.tolist()}
+            for arm, t, d in (("o", "ours", o), ("s", "saelens", s)) for l0, v in d.items()]
+    rows.append({"arm": "s", "trainer": "saelens", "l0": 20.0, "fvu": 0.1, "delta_ce": float(s[10].mean()),
+                 "delta_ce_se": 0.002, "delta_ce_per_sequence": s[10].tolist()})
+    points = {round(p["l0"]): p for p in best_at_equal_l0(rows, "delta_ce")["points"]}
+    w = np.log(20 / 10) / np.log(40 / 10)
+    ours_at_20 = (1 - w) * o[10] + w * o[40]
+    assert points[20]["ours"] == pytest.approx(float(ours_at_20.mean()))
+    assert points[20]["paired_se"] == pytest.approx(float(np.std(ours_at_20 - s[10], ddof=1) / np.sqrt(n)))
+    assert points[20]["paired_se"] < 0.1 * points[20]["ours_se"]
+    results = {"runs": [{"cache": {"name": "lm"}, "budget": {"name": "b", "tokens": 1e3, "lr": 1e-3}, "rows": rows}]}
+    table = write_report(results, tmp_path).read_text().split("**delta LM loss** at equal L0:")[1].split("**")[0]
+    verdicts = [line.rsplit("|", 2)[1].strip() for line in table.splitlines() if line.startswith("| 2")]
+    assert verdicts == ["no"]                                         # unpaired it would be within 2 s.e.
+    assert abs(points[20]["ours"] - points[20]["saelens"]) < 2 * np.hypot(points[20]["ours_se"], points[20]["saelens_se"])
+    # the same mean gap, but sequence by sequence of either sign: within noise
+    for r in rows:
+        if r["arm"] == "o":
+            v = np.array(r["delta_ce_per_sequence"]) + rng.normal(0, 0.05, size=n)
+            v += float(np.mean(r["delta_ce_per_sequence"])) - v.mean()
+            r["delta_ce_per_sequence"] = v.tolist()
+    table = write_report(results, tmp_path).read_text().split("**delta LM loss** at equal L0:")[1].split("**")[0]
+    assert [line.rsplit("|", 2)[1].strip() for line in table.splitlines() if line.startswith("| 2")] == \
+        ["no (within 2 s.e.)"]
+    # a row without its sequences (results kept from before): the unpaired errors, as before
+    rows[0].pop("delta_ce_per_sequence")
+    assert "paired_se" not in best_at_equal_l0(rows, "delta_ce")["points"][0]
+
+
+def test_scores_keep_the_lm_metrics_per_sequence(tmp_path, monkeypatch):
+    """An LM cache's rows keep each SAE's per-sequence delta LM loss and KL (6 significant digits), which
+    the report pairs; a synthetic cache's rows have none."""
+    from types import SimpleNamespace
+    import evaluate.evaluation
+    import quality.bench as bench
+    cfg = _small_config(tmp_path, [])
+    rec = SimpleNamespace(l0=3.0, fvu=0.1, dead_fraction=0.0, firing_frequency=[0.1, 0.0], dense_fraction=0.0)
+    lm = {"delta_ce": 0.01, "delta_ce_se": 0.001, "delta_ce_per_sequence": [0.0123456789, 0.0076543211],
+          "kl_per_sequence": [1.23456789e-4, 2e-4]}
+    monkeypatch.setattr(evaluate.evaluation, "evaluate_targets", lambda targets, c: [{"reconstruction": rec, "delta_lm": lm}])
+    target = SimpleNamespace(name="o@1", path=tmp_path, meta={"label": "o", "trainer": "ours", "level": 1, "ms_per_step": 1.0})
+    (row,) = bench._score([target], {"features": None, "cache": str(tmp_path)}, cfg)
+    assert row["delta_ce_per_sequence"] == [0.0123457, 0.00765432] and row["kl_per_sequence"] == [0.000123457, 0.0002]
+    assert row["delta_ce"] == 0.01 and row["alive"] == 1
+    lm.clear()
+    (row,) = bench._score([target], {"features": None, "cache": str(tmp_path)}, cfg)
+    assert "delta_ce_per_sequence" not in row and "kl_per_sequence" not in row
+
+
 def test_an_lm_cache_holds_out_its_own_fraction_for_every_trainer(tmp_path):
     """LMCache.heldout_fraction: the batches SAELens is given and our sweep's loader hold out that
     fraction, the scoring reads it, and it keys the cache's results (others keep the benchmark's)."""
