@@ -128,7 +128,10 @@ def _arm_identity(arm, budget, cache: dict, cfg: QualityConfig, seed: int = 0) -
         if optim:                                # only where there is one: other arms keep their identity
             preset["optim_preset"] = optim
     where = ("caches",)                          # where it runs, not what it gives there
-    return {"arm": _without(asdict(arm), where), **preset, "budget": _without(asdict(budget), where),
+    # An LM cache's scores hold each SAE's delta LM loss per held-out sequence (for the paired comparison)
+    # since 2026-12-07: results kept from before, without them, are scored again.
+    scores = {"lm_scores": "per_sequence"} if cache.get("features") is None else {}
+    return {"arm": _without(asdict(arm), where), **preset, **scores, "budget": _without(asdict(budget), where),
             "cache": {k: cache[k] for k in ("cache", "layer", "sublayer", *CACHE_SETTINGS) if k in cache},
             "regime": cache.get("regime"),
             "settings": {**{k: getattr(cfg, k) for k in ("width", "expansion", "buffer_tokens", "heldout_fraction",

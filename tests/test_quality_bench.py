@@ -433,6 +433,9 @@ def test_an_lm_cache_holds_out_its_own_fraction_for_every_trainer(tmp_path):
     arm = Arm(name="a", trainer="ours", preset="jumprelu", knob="sparsity_coeff", levels=[0.03])
     ids = [bench._arm_identity(arm, cfg.budgets[0], c, cfg)["cache"] for c in (own, shared)]
     assert ids[0] == {**ids[1], "heldout_fraction": 0.4}
+    # scored per held-out sequence (results kept from before are scored again); synthetic caches: no LM
+    assert all(bench._arm_identity(arm, cfg.budgets[0], c, cfg)["lm_scores"] == "per_sequence" for c in (own, shared))
+    assert "lm_scores" not in bench._arm_identity(arm, cfg.budgets[0], synthetic, cfg)
     # SAELens's batches: what a loader holding out 0.4 serves, not what one holding out 0.1 does
     source = open_activations(own["cache"], 0, "resid_post")
     loaders = {f: ChunkLoader(source, [int(c) for c in source.complete.nonzero()[0]],
