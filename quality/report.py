@@ -94,14 +94,9 @@ def _per_sequence_at(rows: list[dict], arm: str, metric: str, x: float):
         return None
     own.sort(key=lambda r: r["l0"])
     log_l0 = np.log([r["l0"] for r in own])
-    values = np.array([r[key] for r in own], dtype=float)            # [SAEs, sequences]
-    j = int(np.clip(np.searchsorted(log_l0, x), 1, len(own) - 1)) if len(own) > 1 else 0
-    if len(own) == 1 or x <= log_l0[0]:
-        return values[0]
-    if x >= log_l0[-1]:
-        return values[-1]
-    w = (x - log_l0[j - 1]) / (log_l0[j] - log_l0[j - 1])
-    return (1 - w) * values[j - 1] + w * values[j]
+    # each SAE's weight in np.interp at x (the frontier's interpolation), applied to its sequences
+    weights = np.array([np.interp(x, log_l0, unit) for unit in np.eye(len(own))])
+    return weights @ np.array([r[key] for r in own], dtype=float)
 
 
 def _within_noise(p: dict) -> bool:
@@ -129,6 +124,8 @@ def frontier_plot(rows: list[dict], title: str, path: Path) -> Path:
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 4.2), squeeze=False)
     arms = sorted({(r["trainer"], r["arm"]) for r in rows})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(arms) > len(colours):                 # the default cycle repeats after 10: no two arms alike
+        colours = list(plt.get_cmap("tab20").colors)
     for ax, metric in zip(axes[0], metrics):
         for i, (trainer, arm) in enumerate(arms):
             mine = sorted((r for r in rows if r["arm"] == arm and _finite(r.get(metric))), key=lambda r: r["l0"])
