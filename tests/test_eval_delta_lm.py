@@ -166,8 +166,11 @@ def test_several_saes_share_the_clean_and_ablated_forwards(model, tokens):
     for sae, got in zip(saes, together):
         alone = delta_lm_loss(model, tokens, LAYER, "mlp_out", sae, BOS, splice=site_splice(),
                               batch_sequences=5, progress=False, mean_activation=mean)
-        numbers = {k: v for k, v in alone.to_dict().items() if k != "note"}
+        numbers = {k: v for k, v in alone.to_dict().items() if not isinstance(v, (str, list))}
         assert {k: got.to_dict()[k] for k in numbers} == pytest.approx(numbers, rel=1e-12, abs=1e-12)
+        for k in ("delta_ce_per_sequence", "kl_per_sequence"):
+            assert len(getattr(got, k)) == len(tokens)
+            assert getattr(got, k) == pytest.approx(getattr(alone, k), rel=1e-12, abs=1e-12)
 
 
 def _oracle_per_sequence(clean, other, tokens):
