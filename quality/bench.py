@@ -24,7 +24,7 @@ from train.members import preset_files
 from .config import QualityConfig
 from .report import PER_SEQUENCE
 from .ours_arm import member_name, train_ours
-from .saelens_arm import available as saelens_available, train_saelens
+from .saelens_arm import available as saelens_available, train_saelens, version as saelens_version
 from .synthetic import LAYER, SUBLAYER, true_features, write_synthetic_cache
 
 
@@ -105,7 +105,7 @@ def _targets(cache: dict, budget, cfg: QualityConfig, run_dir: Path, arms, seed:
                                         max(1, int(budget.sparsity_warmup_fraction * steps)), cfg.device, seed)
             name = member_name(arm.name, level)
             meta = {"architecture": arm.preset, "label": arm.name, "trainer": "saelens", "level": level,
-                    "ms_per_step": timing["ms_per_step"]}
+                    "ms_per_step": timing["ms_per_step"], "saelens_version": saelens_version()}
             targets.append(EvalTarget(name=name, path=run_dir / "saelens" / name, sae=sae, meta=meta,
                                       layer=cache["layer"], sublayer=cache["sublayer"], cache=cache["cache"],
                                       heldout=heldout))
@@ -219,6 +219,8 @@ def _score(targets: list, cache: dict, cfg: QualityConfig) -> list[dict]:
                "l0": rec.l0, "fvu": rec.fvu, "dead_fraction": rec.dead_fraction, "alive": int((freq > 0).sum()),
                "dense_fraction": rec.dense_fraction, "ms_per_step": t.meta["ms_per_step"],
                "folder": str(t.path) if t.meta["trainer"] == "ours" else None}
+        if "saelens_version" in t.meta:         # recorded, not in the identity: sae-lens is unpinned
+            row["saelens_version"] = t.meta["saelens_version"]
         if features is not None:
             got = feature_recovery(t.sae.W_dec, features, cfg.match_threshold)
             row["mmcs"], row["recovered"] = got["mean_max_cosine"], got["recovered_fraction"]

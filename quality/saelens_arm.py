@@ -41,6 +41,13 @@ def available() -> bool:
     return True
 
 
+def version() -> str:
+    """The installed sae-lens version, kept beside each SAELens row (its results have moved between
+    versions; the arm's identity leaves it out so that kept results survive an upgrade)."""
+    from importlib.metadata import version as installed
+    return installed("sae-lens")
+
+
 class SAELensAdapter(nn.Module):
     """A SAELens inference SAE behind our SAEs' evaluation interface (encode, decode, W_dec, sizes)."""
 

@@ -105,6 +105,9 @@ def test_benchmark_end_to_end_with_saelens(tmp_path):
     assert {(r["trainer"], r["level"]) for r in rows} == {("ours", 0.01), ("ours", 0.1), ("saelens", 0.3)}
     for r in rows:
         assert 0 <= r["recovered"] <= 1 and np.isfinite(r["fvu"]) and r["l0"] >= 0 and 0 <= r["alive"] <= 32
+    import sae_lens
+    assert [r.get("saelens_version") for r in rows if r["trainer"] == "saelens"] == [sae_lens.__version__]
+    assert all("saelens_version" not in r for r in rows if r["trainer"] == "ours")
     ours = {r["level"]: r for r in rows if r["trainer"] == "ours"}
     assert ours[0.1]["l0"] < ours[0.01]["l0"]                 # lambda does what it should
     report = (tmp_path / "q" / "report.md").read_text()
