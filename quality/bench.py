@@ -229,7 +229,7 @@ def _score(targets: list, cache: dict, cfg: QualityConfig) -> list[dict]:
                   "kl_spliced_se"):
             if isinstance(lm.get(k), float):
                 row[k] = lm[k]
-        for metric, key in PER_SEQUENCE.items():        # for paired comparisons (quality/report.py)
+        for key in PER_SEQUENCE.values():                # for paired comparisons (quality/report.py)
             if lm.get(key):
                 row[key] = [float(f"{v:.6g}") for v in lm[key]]
         rows.append(row)

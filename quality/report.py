@@ -50,6 +50,7 @@ def best_at_equal_l0(rows: list[dict], metric: str) -> dict:
     arms = {t: sorted({r["arm"] for r in rows if r["trainer"] == t and _finite(r.get(metric))}) for t in TRAINERS}
     curves = {t: {a: frontier(rows, "arm", a, metric) for a in arms[t]} for t in TRAINERS}
     se_curves = {a: _se_curve(rows, a, metric) for t in TRAINERS for a in arms[t]}
+    per_sequence = {a: _per_sequence_curve(rows, a, metric) for t in TRAINERS for a in arms[t]}
     spans = {t: [(c[0][0], c[0][-1]) for c in curves[t].values() if len(c[0])] for t in TRAINERS}
     if not all(spans[t] for t in TRAINERS):
         return {"metric": metric, "points": [], "note": "a trainer has no SAE with this metric"}
@@ -69,9 +70,10 @@ def best_at_equal_l0(rows: list[dict], metric: str) -> dict:
                     point[f"{t}_se"] = float(np.interp(x, *se))
         if not all(t in point for t in TRAINERS):
             continue
-        paired = [_per_sequence_at(rows, point[f"{t}_arm"], metric, x) for t in TRAINERS]
-        if all(v is not None for v in paired) and len(paired[0]) == len(paired[1]) > 1:
-            point["paired_se"] = float(np.std(paired[0] - paired[1], ddof=1) / math.sqrt(len(paired[0])))
+        curves_here = [per_sequence[point[f"{t}_arm"]] for t in TRAINERS]
+        if all(c is not None for c in curves_here) and curves_here[0][1].shape[1] == curves_here[1][1].shape[1] > 1:
+            ours_seq, theirs_seq = (_per_sequence_at(c, x) for c in curves_here)
+            point["paired_se"] = float(np.std(ours_seq - theirs_seq, ddof=1) / math.sqrt(len(ours_seq)))
         point["ours_better"] = point["ours"] > point["saelens"] if higher else point["ours"] < point["saelens"]
         points.append(point)
     return {"metric": metric, "points": points}
@@ -85,18 +87,23 @@ def _se_curve(rows: list[dict], arm: str, metric: str):
     return frontier(rows, "arm", arm, f"{metric}_se")
 
 
-def _per_sequence_at(rows: list[dict], arm: str, metric: str, x: float):
-    """The arm's per-sequence values of `metric` at log-L0 x, each interpolated between the arm's SAEs as
-    the metric is (so their mean is the metric's interpolated value); None where a row lacks them."""
+def _per_sequence_curve(rows: list[dict], arm: str, metric: str):
+    """(log L0 of the arm's SAEs, their per-sequence values of `metric` [SAEs, sequences]), the SAEs
+    the metric's frontier holds, by L0; None where the metric has none or a row lacks them."""
     key = PER_SEQUENCE.get(metric)
     own = [r for r in rows if r["arm"] == arm and _finite(r.get(metric)) and _finite(r.get("l0")) and r["l0"] > 0]
     if key is None or not own or not all(r.get(key) for r in own):
         return None
     own.sort(key=lambda r: r["l0"])
-    log_l0 = np.log([r["l0"] for r in own])
-    # each SAE's weight in np.interp at x (the frontier's interpolation), applied to its sequences
-    weights = np.array([np.interp(x, log_l0, unit) for unit in np.eye(len(own))])
-    return weights @ np.array([r[key] for r in own], dtype=float)
+    return np.log([r["l0"] for r in own]), np.array([r[key] for r in own], dtype=float)
+
+
+def _per_sequence_at(curve, x: float) -> np.ndarray:
+    """A per-sequence curve read at log-L0 x, each sequence interpolated as the metric's frontier is (so
+    that their mean is the metric's interpolated value): each SAE's weight in np.interp at x."""
+    log_l0, values = curve
+    weights = np.array([np.interp(x, log_l0, unit) for unit in np.eye(len(log_l0))])
+    return weights @ values
 
 
 def _within_noise(p: dict) -> bool:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from .sae import TANH_SCALE_UNITS
+
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -148,7 +150,7 @@ CHOICES = {"architecture": ("jumprelu", "relu", "topk", "batchtopk", "gated"),
            "sparsity_loss": ("l0", "quadratic", "l1", "tanh"), "theta_parametrisation": ("raw", "log"),
            "b_dec_init": ("zeros", "mean"),
            "threshold_grad_pool": ("none", "window", "ema"), "constants_unit": ("rms", "median_norm"),
-           "tanh_scale_unit": ("rms", "sqrt_d")}
+           "tanh_scale_unit": TANH_SCALE_UNITS}
 
 
 def check_member(name: str, m) -> None:

@@ -27,14 +27,17 @@ def matryoshka_widths(cfg, d_sae: int) -> tuple[int, ...]:
     return tuple(max(1, round(fr * d_sae)) for fr in fractions)
 
 
+# sae.tanh_scale_unit's choices (train/members.py checks a member's before any work)
+TANH_SCALE_UNITS = ("rms", "sqrt_d")
+
+
 def tanh_scale(cfg, d_in: int) -> float:
     """c of the tanh penalty on the normalised space (E||x||^2 = 1): sae.tanh_scale, given in the units
     sae.tanh_scale_unit names. Anthropic's c = 4 is on data scaled to E||x||^2 = d_in, where every
     activation is sqrt(d_in) times ours; c f is the same there with c sqrt(d_in) here."""
-    units = {"rms": 1.0, "sqrt_d": math.sqrt(d_in)}
-    if cfg.tanh_scale_unit not in units:
-        raise ValueError(f"sae.tanh_scale_unit {cfg.tanh_scale_unit!r}: choose one of {sorted(units)}")
-    return float(cfg.tanh_scale) * units[cfg.tanh_scale_unit]
+    if cfg.tanh_scale_unit not in TANH_SCALE_UNITS:
+        raise ValueError(f"sae.tanh_scale_unit {cfg.tanh_scale_unit!r}: choose one of {', '.join(TANH_SCALE_UNITS)}")
+    return float(cfg.tanh_scale) * (math.sqrt(d_in) if cfg.tanh_scale_unit == "sqrt_d" else 1.0)
 
 
 def build_sae(cfg, d_in: int, generator: torch.Generator) -> SparseAutoencoder:
@@ -73,4 +76,4 @@ def _family(cfg, d_in: int, generator: torch.Generator) -> SparseAutoencoder:
 
 
 __all__ = ["ARCHITECTURES", "BatchTopKSAE", "GatedSAE", "JumpReLUFunction", "JumpReLUSAE", "ReLUSAE", "SparseAutoencoder",
-           "StepOutput", "TopKSAE", "build_sae", "decoder_init", "tanh_scale"]
+           "StepOutput", "TANH_SCALE_UNITS", "TopKSAE", "build_sae", "decoder_init", "tanh_scale"]
