@@ -219,7 +219,7 @@ def _score(targets: list, cache: dict, cfg: QualityConfig) -> list[dict]:
                "l0": rec.l0, "fvu": rec.fvu, "dead_fraction": rec.dead_fraction, "alive": int((freq > 0).sum()),
                "dense_fraction": rec.dense_fraction, "ms_per_step": t.meta["ms_per_step"],
                "folder": str(t.path) if t.meta["trainer"] == "ours" else None}
-        if "saelens_version" in t.meta:         # recorded, not in the identity: sae-lens is unpinned
+        if "saelens_version" in t.meta:         # recorded, not in the identity (pyproject pins it)
             row["saelens_version"] = t.meta["saelens_version"]
         if features is not None:
             got = feature_recovery(t.sae.W_dec, features, cfg.match_threshold)

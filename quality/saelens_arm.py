@@ -42,8 +42,8 @@ def available() -> bool:
 
 
 def version() -> str:
-    """The installed sae-lens version, kept beside each SAELens row (its results have moved between
-    versions; the arm's identity leaves it out so that kept results survive an upgrade)."""
+    """The installed sae-lens version, kept beside each SAELens row (pyproject pins it; the arm's
+    identity leaves it out so that kept results survive a deliberate upgrade)."""
     from importlib.metadata import version as installed
     return installed("sae-lens")
 
