@@ -574,6 +574,10 @@ def test_arms_and_budgets_run_on_the_caches_they_name(tmp_path, monkeypatch):
     cfg.arms[1].caches = ["tiny3"]
     with pytest.raises(ValueError, match=r"arms\[b\].caches: \['tiny3'\]"):
         bench.run_quality(cfg)
+    # an arm's results are kept by its name: one name twice (say, per cache) is refused, not merged
+    cfg.arms[1] = replace(arms[0], caches=["tiny2"])
+    with pytest.raises(ValueError, match=r"arms: \['a'\] named more than once"):
+        bench.run_quality(cfg)
 
 
 def test_recipe_report_reads_a_budget_folder_as_the_mean_over_its_seeds(tmp_path):
