@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import METRICS, frontier_plot, results_runs
+from .report import COMPARED, METRICS, frontier_plot, results_runs
 from .seed_mean import mean_rows
 
 
@@ -91,7 +91,7 @@ def against_baseline(rows: list[dict], arm: str, baseline: str, metric: str) -> 
 
 
 def write_recipe_report(rows: list[dict], baseline: str, out: Path, title: str) -> Path:
-    metrics = [m for m in ("fvu", "recovered", "delta_ce", "alive") if any(r.get(m) is not None for r in rows)]
+    metrics = [m for m in COMPARED if any(r.get(m) is not None for r in rows)]
     arms = sorted({r["arm"] for r in rows})
     if baseline not in arms:
         raise ValueError(f"baseline arm {baseline!r} is not among {arms}")

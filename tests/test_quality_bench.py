@@ -268,6 +268,12 @@ def test_recipe_report_compares_arms_at_equal_l0(tmp_path):
     assert against_baseline(rows, "far", "base", "fvu")["better"] is None
     report = write_recipe_report(rows, "base", tmp_path / "out" / "r.md", "t").read_text()
     assert "| better | 1.5-6 | +10% | +10.0 pts | +0% |" in report and "| far | no overlap |" in report
+    # on an LM cache the report compares KL to the clean LM beside delta LM loss, as the benchmark's does
+    lm = [{**r, "delta_ce": r["fvu"], "kl_spliced": r["fvu"] * (0.8 if r["arm"] == "better" else 1.0)}
+          for r in rows if r["arm"] != "far"]
+    lm_report = write_recipe_report(lm, "base", tmp_path / "out" / "lm.md", "t").read_text()
+    assert "| arm | L0 range | FVU | true features recovered | delta LM loss | KL to the clean LM | alive latents |" in lm_report
+    assert "| better | 1.5-6 | +10% | +10.0 pts | +10% | +28% | +0% |" in lm_report
     none = [{**r, "recovered": 0.0} for r in base]
     recovered = against_baseline(none + better, "better", "base", "recovered")
     assert recovered["better"] is None and recovered["difference"] == pytest.approx(0.6)
