@@ -1,5 +1,6 @@
 """The training loop end to end on small caches: run folder, resume bit for bit, sweeps, bad input."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -141,26 +142,32 @@ def test_architecture_sweep_uses_presets(cache, tmp_path):
     assert load_sae(tmp_path / "abl" / "relu")[1]["hyperparameters_train"]["sae"]["sparsity_coeff"] == 3e-3
 
 
-def test_median_norm_constants_are_the_constants_scaled_by_the_measured_median(cache, tmp_path):
+@pytest.mark.parametrize("unit", ["median_norm", "sqrt_d_median_norm"])
+def test_constants_units_are_the_constants_scaled_by_the_unit(cache, tmp_path, unit):
     """sae.constants_unit=median_norm (the default's) trains exactly as the rms unit with theta_init,
     bandwidth, threshold_lr and optim.bias_lr_scale multiplied by the median token norm (normalised)
-    that sae.json records, and optim.grad_clip_norm by its square."""
-    run_training(make_cfg(cache, tmp_path / "median"), single=True)
-    meta = json.loads((tmp_path / "median" / "sae.json").read_text())
+    that sae.json records, and optim.grad_clip_norm by its square; sqrt_d_median_norm (the constants on
+    data scaled to E||x||^2 = d_in) by that norm over sqrt(d_in), the clip by its square."""
+    run_training(make_cfg(cache, tmp_path / "unit", f"sae.constants_unit={unit}"), single=True)
+    meta = json.loads((tmp_path / "unit" / "sae.json").read_text())
     r = meta["normalisation"]["median_norm"]
     assert 0.3 < r < 1.2 and r != 1.0
     # kept in the checkpoint: a resumed run keeps the unit it started with
-    assert torch.load(tmp_path / "median" / "checkpoint.pt", weights_only=False)["median_norm"] == r
+    assert torch.load(tmp_path / "unit" / "checkpoint.pt", weights_only=False)["median_norm"] == r
+    factor = r / math.sqrt(meta["d_in"]) if unit.startswith("sqrt_d") else r
     sae, optim = meta["hyperparameters_train"]["sae"], meta["hyperparameters_train"]["optim"]
-    assert sae["constants_unit"] == "median_norm" and sae["bandwidth"] == 0.016      # as configured, not scaled
-    by_hand = [f"sae.{k}={sae[k] * r!r}" for k in ("theta_init", "bandwidth", "threshold_lr")]
-    by_hand += [f"optim.bias_lr_scale={optim['bias_lr_scale'] * r!r}",
-                f"optim.grad_clip_norm={optim['grad_clip_norm'] * r * r!r}"]
+    assert sae["constants_unit"] == unit and sae["bandwidth"] == 0.016      # as configured, not scaled
+    by_hand = [f"sae.{k}={sae[k] * factor!r}" for k in ("theta_init", "bandwidth", "threshold_lr")]
+    by_hand += [f"optim.bias_lr_scale={optim['bias_lr_scale'] * factor!r}",
+                f"optim.grad_clip_norm={optim['grad_clip_norm'] * factor * factor!r}"]
     run_training(make_cfg(cache, tmp_path / "by_hand", "sae.constants_unit=rms", *by_hand), single=True)
-    assert weights_bytes(tmp_path / "median") == weights_bytes(tmp_path / "by_hand")
+    assert weights_bytes(tmp_path / "unit") == weights_bytes(tmp_path / "by_hand")
     assert "median_norm" not in json.loads((tmp_path / "by_hand" / "sae.json").read_text())["normalisation"]
-    run_training(make_cfg(cache, tmp_path / "rms", "sae.constants_unit=rms"), single=True)
-    assert weights_bytes(tmp_path / "rms") != weights_bytes(tmp_path / "median")
+    if unit == "median_norm":
+        run_training(make_cfg(cache, tmp_path / "rms", "sae.constants_unit=rms"), single=True)
+        assert weights_bytes(tmp_path / "rms") != weights_bytes(tmp_path / "unit")
+    with pytest.raises(ValueError, match="constants_unit='sqrt_n'; choose one of rms, median_norm, sqrt_d"):
+        run_training(make_cfg(cache, tmp_path / "bad", "sae.constants_unit=sqrt_n"), single=True)
 
 
 def test_members_set_their_own_dead_window_and_nothing_else_of_train(cache, tmp_path, capsys):

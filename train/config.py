@@ -44,9 +44,11 @@ class SAEConfig:
     # jumprelu, batchtopk: Matryoshka prefixes as fractions of the width, e.g. [0.0625, 0.25] ([]: off)
     matryoshka_fractions: List[float] = field(default_factory=list)
     # The unit of theta_init, bandwidth and threshold_lr, and of optim.bias_lr_scale (and, squared, of
-    # optim.grad_clip_norm): `rms`, the normalised space's (E||x||^2 = 1), or `median_norm`, the median
-    # token norm there, measured on a sample of the cache. Where a few large tokens carry the mean norm
-    # the typical token, and its features, are smaller, and so are the constants (train/member.py).
+    # optim.grad_clip_norm): `rms`, the normalised space's (E||x||^2 = 1); `median_norm`, the median
+    # token norm there, measured on a sample of the cache (where a few large tokens carry the mean norm
+    # the typical token, and its features, are smaller, and so are the constants); `sqrt_d`, data scaled
+    # to E||x||^2 = d_in (Anthropic's convention: a constant c is c / sqrt(d_in) here);
+    # `sqrt_d_median_norm`, both (train/member.py).
     constants_unit: str = "rms"
     b_dec_init: str = "zeros"             # zeros | mean (of the first batch)
     b_dec_to_input: bool = False          # jumprelu: encode x - b_dec (SAELens); saved folded into b_enc

@@ -12,20 +12,35 @@ from .resample import resample_dead_latents, resampling_due
 from .sae import build_sae
 
 
+# sae.constants_unit: the unit theta_init, bandwidth, threshold_lr, optim.bias_lr_scale (and, squared,
+# optim.grad_clip_norm) are given in. rms: the normalised space's (E||x||^2 = 1); median_norm: the
+# cache's median token norm there; sqrt_d: data scaled to E||x||^2 = d_in (Anthropic's convention; a
+# token's activations there are sqrt(d_in) times ours, so a constant c is c / sqrt(d_in) here);
+# sqrt_d_median_norm: both.
+CONSTANTS_UNITS = ("rms", "median_norm", "sqrt_d", "sqrt_d_median_norm")
+
+
 def uses_median_norm(cfg) -> bool:
     """Whether the member's constants are in units of the median token norm (sae.constants_unit)."""
-    return cfg.sae.constants_unit == "median_norm"
+    return cfg.sae.constants_unit in ("median_norm", "sqrt_d_median_norm")
 
 
-def in_data_units(cfg, median_norm: float | None):
-    """The member's config with the constants of sae.constants_unit=median_norm (theta_init, bandwidth,
-    threshold_lr, optim.bias_lr_scale; optim.grad_clip_norm squared, as the weights' gradients go with the
-    data's square) multiplied by the median token norm in the normalised space; cfg itself otherwise."""
-    if not uses_median_norm(cfg):
+def in_data_units(cfg, median_norm: float | None, d_in: int):
+    """The member's config with its constants (theta_init, bandwidth, threshold_lr, optim.bias_lr_scale;
+    optim.grad_clip_norm squared, as the weights' gradients go with the data's square) multiplied by
+    the unit sae.constants_unit names, in the normalised space; cfg itself where that is rms."""
+    unit = cfg.sae.constants_unit
+    if unit not in CONSTANTS_UNITS:
+        raise ValueError(f"sae.constants_unit {unit!r}: choose one of {', '.join(CONSTANTS_UNITS)}")
+    if unit == "rms":
         return cfg
-    if median_norm is None or not median_norm > 0:
-        raise ValueError(f"sae.constants_unit=median_norm needs the cache's median token norm, got {median_norm}")
-    r = float(median_norm)
+    r = 1.0
+    if uses_median_norm(cfg):
+        if median_norm is None or not median_norm > 0:
+            raise ValueError(f"sae.constants_unit={unit} needs the cache's median token norm, got {median_norm}")
+        r = float(median_norm)
+    if unit.startswith("sqrt_d"):
+        r /= math.sqrt(d_in)
     cfg = cfg.copy()
     for key in ("theta_init", "bandwidth", "threshold_lr"):
         cfg.sae[key] = cfg.sae[key] * r
@@ -38,8 +53,8 @@ class Member:
     def __init__(self, name: str, folder: Path, cfg, d_in: int, total_steps: int, device, backend: str,
                  median_norm: float | None = None):
         """cfg: the member's resolved config (sae, optim, train sections); median_norm: the median token
-        norm of the normalised data (for sae.constants_unit=median_norm)."""
-        cfg = in_data_units(cfg, median_norm)
+        norm of the normalised data (for the median-norm constants units)."""
+        cfg = in_data_units(cfg, median_norm, d_in)
         self.name, self.folder, self.cfg = name, Path(folder), cfg
         self.total_steps, self.backend = total_steps, backend
         generator = torch.Generator().manual_seed(int(cfg.train.seed))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from .member import CONSTANTS_UNITS
 from .sae import TANH_SCALE_UNITS
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -149,7 +150,7 @@ def member_configs(cfg) -> list[tuple[str, object]]:
 CHOICES = {"architecture": ("jumprelu", "relu", "topk", "batchtopk", "gated"),
            "sparsity_loss": ("l0", "quadratic", "l1", "tanh"), "theta_parametrisation": ("raw", "log"),
            "b_dec_init": ("zeros", "mean"),
-           "threshold_grad_pool": ("none", "window", "ema"), "constants_unit": ("rms", "median_norm"),
+           "threshold_grad_pool": ("none", "window", "ema"), "constants_unit": CONSTANTS_UNITS,
            "tanh_scale_unit": TANH_SCALE_UNITS}
 
 
