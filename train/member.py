@@ -12,11 +12,8 @@ from .resample import resample_dead_latents, resampling_due
 from .sae import build_sae
 
 
-# sae.constants_unit: the unit theta_init, bandwidth, threshold_lr, optim.bias_lr_scale (and, squared,
-# optim.grad_clip_norm) are given in. rms: the normalised space's (E||x||^2 = 1); median_norm: the
-# cache's median token norm there; sqrt_d: data scaled to E||x||^2 = d_in (Anthropic's convention; a
-# token's activations there are sqrt(d_in) times ours, so a constant c is c / sqrt(d_in) here);
-# sqrt_d_median_norm: both.
+# sae.constants_unit's choices (train/config.py says what each means). On data scaled to E||x||^2 = d_in
+# a token's activations are sqrt(d_in) times ours, so a constant c there is c / sqrt(d_in) here.
 CONSTANTS_UNITS = ("rms", "median_norm", "sqrt_d", "sqrt_d_median_norm")
 
 
