@@ -192,11 +192,12 @@ def _check_names(cfg: QualityConfig) -> None:
     train nothing), no arm name is given twice, and there is a seed."""
     if not cfg.seeds:
         raise ValueError("seeds: at least one")
-    twice = sorted({a.name for a in cfg.arms if [b.name for b in cfg.arms].count(a.name) > 1})
+    arms = [a.name for a in cfg.arms]
+    twice = sorted({n for n in arms if arms.count(n) > 1})
     if twice:
         raise ValueError(f"arms: {twice} named more than once (an arm's results are kept by its name)")
     caches = [r.name for r in cfg.regimes] + [c.name for c in cfg.lm_caches]
-    named = [("repeat.caches", cfg.repeat.caches, caches), ("repeat.arms", cfg.repeat.arms, [a.name for a in cfg.arms])]
+    named = [("repeat.caches", cfg.repeat.caches, caches), ("repeat.arms", cfg.repeat.arms, arms)]
     named += [(f"budgets[{b.name}].caches", b.caches, caches) for b in cfg.budgets]
     named += [(f"arms[{a.name}].caches", a.caches, caches) for a in cfg.arms]
     for where, names, known in named:

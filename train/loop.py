@@ -138,7 +138,7 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
     if median_norm is None and any(uses_median_norm(s.cfg) for s in specs):
         median_norm = source.estimate_median_norm() / scale
         print(f"[train] median token norm {median_norm:.4g} (normalised): the unit of the constants of "
-              "members whose sae.constants_unit is median_norm or sqrt_d_median_norm")
+              "members whose sae.constants_unit includes it")
     members = [Member(s.name, s.folder, s.cfg, source.width, total_steps, device, cfg.kernel_backend, median_norm)
                for s in specs]
     for m in members:
