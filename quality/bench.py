@@ -112,10 +112,20 @@ def _targets(cache: dict, budget, cfg: QualityConfig, run_dir: Path, arms, seed:
     return targets
 
 
-def preset_settings(group: str, name: str) -> list:
-    """The settings of conf/<group>/<name>.yaml and of the presets it extends (train.members.preset_files),
-    as parsed: a preset whose values change retrains its arms, one whose comments change does not."""
-    return [OmegaConf.to_container(OmegaConf.load(p)) for p in preset_files(group, name)]
+def preset_settings(group: str, name: str) -> dict:
+    """What conf/<group>/<name>.yaml sets, on what the presets it extends set
+    (train.members.preset_files): a value that changes retrains its arms, a comment does not, nor a
+    value changed in an extended preset that this one sets for itself."""
+    return effective_settings([OmegaConf.to_container(OmegaConf.load(p)) for p in preset_files(group, name)])
+
+
+def effective_settings(files: list) -> dict:
+    """One preset's settings from its files' (parsed, the extended ones first): each file's values
+    over the ones before, without their defaults lists. Results kept before 2026-12-07 hold the list."""
+    merged = {}
+    for settings in files:
+        merged.update({k: v for k, v in settings.items() if k != "defaults"})
+    return merged
 
 
 def _arm_identity(arm, budget, cache: dict, cfg: QualityConfig, seed: int = 0) -> dict:
@@ -150,7 +160,9 @@ def _arm_file(run_dir: Path, arm) -> Path:
 def _but_levels(identity: dict | None):
     if identity is None:
         return None
-    return {**identity, "arm": {k: v for k, v in identity["arm"].items() if k != "levels"}}
+    presets = {k: effective_settings(identity[k]) for k in ("preset", "optim_preset")
+               if isinstance(identity.get(k), list)}
+    return {**identity, **presets, "arm": {k: v for k, v in identity["arm"].items() if k != "levels"}}
 
 
 def _cached_rows(run_dir: Path, arm, identity: dict, kept_run: dict | None) -> list:

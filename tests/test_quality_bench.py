@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from quality.config import Arm, Budget, QualityConfig
 from quality.synthetic import Regime, SyntheticSource, true_features, write_synthetic_cache
@@ -189,11 +190,14 @@ def test_an_arm_done_before_is_not_trained_again(tmp_path, monkeypatch):
 
 
 def test_an_arm_identity_follows_its_presets_settings_not_their_comments(tmp_path, monkeypatch):
-    """Our arms' identity holds the settings of their presets and of those they extend (conf/sae/,
-    conf/optim/): a value edited in place retrains, a comment edited does not."""
+    """Our arms' identity holds the settings of their presets on those of the presets they extend
+    (conf/sae/, conf/optim/): a value edited in place retrains, a comment edited does not, nor a value
+    of the extended preset that the arm's own sets. An identity kept in the earlier form (each file's
+    settings, a list) is the same identity."""
+    import re
     import shutil
     import train.members
-    from quality.bench import _arm_identity
+    from quality.bench import _arm_identity, _but_levels
     conf = tmp_path / "conf"
     shutil.copytree(train.members.CONF, conf)
     monkeypatch.setattr(train.members, "CONF", conf)
@@ -204,11 +208,18 @@ def test_an_arm_identity_follows_its_presets_settings_not_their_comments(tmp_pat
     def identity():
         return _arm_identity(arm, cfg.budgets[0], cache, cfg)
     before = identity()
-    base = conf / "sae" / "jumprelu.yaml"                       # extended by jumprelu_tanh_saelens
+    base = conf / "sae" / "jumprelu.yaml"        # extended by jumprelu_round6, which jumprelu_tanh_saelens extends
     base.write_text("# a comment\n" + base.read_text().replace("\n#", "\n# reworded:"))
     assert identity() == before
-    base.write_text(base.read_text().replace("bandwidth: 0.016", "bandwidth: 0.02"))
+    assert "bandwidth" in OmegaConf.load(conf / "sae" / "jumprelu_round6.yaml")
+    base.write_text(re.sub(r"\nbandwidth: .*\n", "\nbandwidth: 0.02\n", base.read_text()))
+    assert "bandwidth: 0.02" in base.read_text() and identity() == before
+    base.write_text(base.read_text().replace("decoder_norm: 0.1\n", "decoder_norm: 0.2\n"))
     assert identity() != before
+    files = [OmegaConf.to_container(OmegaConf.load(p)) for p in train.members.preset_files("sae", arm.preset)]
+    earlier = {**identity(), "preset": files}
+    assert _but_levels(earlier) == _but_levels(identity())
+    assert _but_levels({**earlier, "preset": files[:1]}) != _but_levels(identity())
 
 
 def test_kept_results_of_another_checkout_are_not_trained_again(tmp_path, monkeypatch):

@@ -144,10 +144,11 @@ def test_architecture_sweep_uses_presets(cache, tmp_path):
 
 @pytest.mark.parametrize("unit", ["median_norm", "sqrt_d_median_norm"])
 def test_constants_units_are_the_constants_scaled_by_the_unit(cache, tmp_path, unit):
-    """sae.constants_unit=median_norm (the default's) trains exactly as the rms unit with theta_init,
+    """sae.constants_unit=median_norm trains exactly as the rms unit with theta_init,
     bandwidth, threshold_lr and optim.bias_lr_scale multiplied by the median token norm (normalised)
     that sae.json records, and optim.grad_clip_norm by its square; sqrt_d_median_norm (the constants on
     data scaled to E||x||^2 = d_in) by that norm over sqrt(d_in), the clip by its square."""
+    from train.members import sae_preset
     run_training(make_cfg(cache, tmp_path / "unit", f"sae.constants_unit={unit}"), single=True)
     meta = json.loads((tmp_path / "unit" / "sae.json").read_text())
     r = meta["normalisation"]["median_norm"]
@@ -156,7 +157,7 @@ def test_constants_units_are_the_constants_scaled_by_the_unit(cache, tmp_path, u
     assert torch.load(tmp_path / "unit" / "checkpoint.pt", weights_only=False)["median_norm"] == r
     factor = r / math.sqrt(meta["d_in"]) if unit.startswith("sqrt_d") else r
     sae, optim = meta["hyperparameters_train"]["sae"], meta["hyperparameters_train"]["optim"]
-    assert sae["constants_unit"] == unit and sae["bandwidth"] == 0.016      # as configured, not scaled
+    assert sae["constants_unit"] == unit and sae["bandwidth"] == sae_preset("jumprelu").bandwidth   # as configured
     by_hand = [f"sae.{k}={sae[k] * factor!r}" for k in ("theta_init", "bandwidth", "threshold_lr")]
     by_hand += [f"optim.bias_lr_scale={optim['bias_lr_scale'] * factor!r}",
                 f"optim.grad_clip_norm={optim['grad_clip_norm'] * factor * factor!r}"]
@@ -279,6 +280,7 @@ def test_member_preset_means_what_sae_equals_preset_means(tmp_path, base_preset)
     does not set take the schema's defaults, not the base preset's: the default's free decoder and
     own threshold lr never leak into the papers' recipe), and the command line's sae.* overrides
     (sae.width here) reach every member."""
+    from omegaconf import OmegaConf
     from train.config import SAEConfig
     from train.members import member_configs
     members = "[{preset:jumprelu_paper},{preset:jumprelu},{preset:topk,sae:{k:4}}]"
@@ -287,13 +289,13 @@ def test_member_preset_means_what_sae_equals_preset_means(tmp_path, base_preset)
     got = dict(member_configs(cfg))
     paper, default, topk = got["jumprelu_paper"].sae, got["jumprelu"].sae, got["topk"].sae
     assert paper.theta_parametrisation == "raw" and paper.threshold_lr == SAEConfig.threshold_lr == 0
-    assert default.b_dec_to_input and default.decoder_norm == 0.1 and default.threshold_lr == 6.45e-4
+    own_lr = OmegaConf.load(Path(CONF) / "sae" / "jumprelu.yaml").threshold_lr
+    assert default.b_dec_to_input and default.decoder_norm == 0.1 and default.threshold_lr == own_lr > 0
     assert topk.architecture == "topk" and topk.k == 4 and paper.architecture == "jumprelu"
     assert {m.sae.width for m in got.values()} == {16}            # make_cfg's sae.width=16
     # the optim section likewise: the default's conf/optim/jumprelu.yaml, the schema's for the others,
     # and the command line's optim.* (make_cfg's lr and warm-ups) in every member
     from train.config import OptimConfig
-    from omegaconf import OmegaConf
     recipe = OmegaConf.load(Path(CONF) / "optim" / "jumprelu.yaml")
     assert recipe and all(got["jumprelu"].optim[k] == v for k, v in recipe.items())
     for name in ("jumprelu_paper", "topk"):
