@@ -4,7 +4,8 @@ against a baseline arm at equal L0, from the arm results that quality runs keep
 its seeds, quality/seed_mean.py), merged over several runs of the same cache and budget
 (e.g. `make quality` and the recipe study, whose caches are generated from the same seeds), or
 from a results.json (`RESULTS.json#cache/budget`: the kept docs/quality/results.json, say);
-`DIR:arm,arm` takes only some arms of a run (where two runs have an arm of the same name).
+`DIR:arm,arm` takes only some arms of a run (where two runs have an arm of the same name), and
+`DIR:arm=name` one under another name (the same arm of two runs, e.g. a default before and after).
 
 Each arm's frontier is interpolated in log L0 (quality/report.py) at L0 values both it and the
 baseline reach; the table gives the mean relative difference there, per metric, and the arm's
@@ -25,22 +26,25 @@ from .seed_mean import mean_rows
 
 
 def load_arms(run_dirs: list) -> list[dict]:
-    """Every arm kept under each run dir; `DIR:arm,arm` takes only those arms from DIR."""
+    """Every arm kept under each run dir; `DIR:arm,arm` takes only those arms from DIR, and
+    `DIR:arm=name` takes one under another name (the same arm of two runs: a default before and after)."""
     rows, seen = [], set()
     for entry in run_dirs:
         source, _, only = str(entry).partition(":")
-        wanted = set(only.split(",")) if only else None
+        names = {arm: new or arm for arm, _, new in (a.partition("=") for a in only.split(","))} if only else None
         found = _results_json_arms(source) if "#" in source else _folder_arms(Path(source))
-        missing = wanted - set(found) if wanted else set()
+        missing = set(names) - set(found) if names else set()
         if missing:
             raise FileNotFoundError(f"no results for arms {sorted(missing)} in {source}")
         for arm, arm_rows in found.items():
-            if wanted is not None and arm not in wanted:
+            if names is not None and arm not in names:
                 continue
-            if arm in seen:
-                raise ValueError(f"arm {arm!r} is in more than one of {run_dirs}: keep one")
-            seen.add(arm)
-            rows += arm_rows
+            name = names[arm] if names else arm
+            if name in seen:
+                raise ValueError(f"arm {name!r} is in more than one of {run_dirs}: keep one, or name one "
+                                 f"DIR:{arm}=<other name>")
+            seen.add(name)
+            rows += [{**r, "arm": name} for r in arm_rows]
     if not rows:
         raise FileNotFoundError(f"no arm results under {[str(d) for d in run_dirs]} (…/arms/*.json)")
     return rows
@@ -128,7 +132,8 @@ def write_recipe_report(rows: list[dict], baseline: str, out: Path, title: str) 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+", help="<quality out>/runs/<cache>/<budget>[/seed_<s>] folders or "
-                   "RESULTS.json#<cache>/<budget>; DIR:arm,arm takes only those arms from DIR")
+                   "RESULTS.json#<cache>/<budget>; DIR:arm,arm takes only those arms from DIR, "
+                   "DIR:arm=name one under another name")
     p.add_argument("--baseline", required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--title", default="Recipes, one change at a time")

@@ -296,8 +296,13 @@ def test_recipe_report_compares_arms_at_equal_l0(tmp_path):
     with pytest.raises(FileNotFoundError, match="no run c/long"):
         load_arms([f"{tmp_path / 'results.json'}#c/long"])
     assert (tmp_path / "out" / "r.png").is_file()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="DIR:base=<other name>"):
         load_arms([tmp_path / "a", tmp_path / "a"])
+    # the same arm of two runs (a default before and after), one of them renamed; the other arms left out
+    both = load_arms([tmp_path / "a", f"{tmp_path / 'a'}:base=base_before",
+                      f"{tmp_path / 'results.json'}#c/short:base=base_kept,far"])
+    assert [r["arm"] for r in both] == ["base"] * 4 + ["base_before"] * 4 + ["base_kept"] * 4 + ["far"] * 2
+    assert [{**r, "arm": "base"} for r in both[4:8]] == base and both[:4] == base
     picked = load_arms([tmp_path / "a", f"{tmp_path / 'b'}:better"])       # DIR:arm takes only that arm
     assert sorted({r["arm"] for r in picked}) == ["base", "better"] and len(picked) == 7
     with pytest.raises(FileNotFoundError, match="nothere"):
