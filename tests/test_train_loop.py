@@ -280,22 +280,22 @@ def test_member_preset_means_what_sae_equals_preset_means(tmp_path, base_preset)
     does not set take the schema's defaults, not the base preset's: the default's free decoder and
     own threshold lr never leak into the papers' recipe), and the command line's sae.* overrides
     (sae.width here) reach every member."""
-    from omegaconf import OmegaConf
     from train.config import SAEConfig
-    from train.members import member_configs
+    from train.members import member_configs, sae_preset
     members = "[{preset:jumprelu_paper},{preset:jumprelu},{preset:topk,sae:{k:4}}]"
     cfg = make_cfg(tmp_path / "c", tmp_path / "r", f"sae={base_preset}", "sweep=ablation", f"sweep.members={members}",
                    sweep=True)
     got = dict(member_configs(cfg))
     paper, default, topk = got["jumprelu_paper"].sae, got["jumprelu"].sae, got["topk"].sae
     assert paper.theta_parametrisation == "raw" and paper.threshold_lr == SAEConfig.threshold_lr == 0
-    own_lr = OmegaConf.load(Path(CONF) / "sae" / "jumprelu.yaml").threshold_lr
+    own_lr = sae_preset("jumprelu").threshold_lr
     assert default.b_dec_to_input and default.decoder_norm == 0.1 and default.threshold_lr == own_lr > 0
     assert topk.architecture == "topk" and topk.k == 4 and paper.architecture == "jumprelu"
     assert {m.sae.width for m in got.values()} == {16}            # make_cfg's sae.width=16
     # the optim section likewise: the default's conf/optim/jumprelu.yaml, the schema's for the others,
     # and the command line's optim.* (make_cfg's lr and warm-ups) in every member
     from train.config import OptimConfig
+    from omegaconf import OmegaConf
     recipe = OmegaConf.load(Path(CONF) / "optim" / "jumprelu.yaml")
     assert recipe and all(got["jumprelu"].optim[k] == v for k, v in recipe.items())
     for name in ("jumprelu_paper", "topk"):
