@@ -102,7 +102,8 @@ def _targets(cache: dict, budget, cfg: QualityConfig, run_dir: Path, arms, seed:
             d_sae = cfg.width or cfg.expansion * source.width
             sae, timing = train_saelens(arm.preset, arm.knob, level, dict(arm.overrides), batches, source.width, d_sae,
                                         steps, budget.batch_size, budget.lr, budget.lr_warmup_steps,
-                                        max(1, int(budget.sparsity_warmup_fraction * steps)), cfg.device, seed)
+                                        max(1, int(budget.sparsity_warmup_fraction * steps)), cfg.device, seed,
+                                        same_batches=lambda: _loader_batches(cache, cfg, budget.batch_size, seed)[1])
             name = member_name(arm.name, level)
             meta = {"architecture": arm.preset, "label": arm.name, "trainer": "saelens", "level": level,
                     "ms_per_step": timing["ms_per_step"], "saelens_version": saelens_version()}

@@ -14,7 +14,7 @@ import importlib
 import io
 import tempfile
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -72,8 +72,12 @@ class SAELensAdapter(nn.Module):
 
 def train_saelens(preset: str, knob: str, level: float, overrides: dict, batches: Iterator[torch.Tensor],
                   d_in: int, d_sae: int, steps: int, batch_size: int, lr: float, lr_warmup_steps: int,
-                  sparsity_warmup_steps: int, device: str, seed: int) -> tuple[SAELensAdapter, dict]:
-    """Train one SAELens SAE on `steps` batches of `batches` (raw activations); (adapter, timing)."""
+                  sparsity_warmup_steps: int, device: str, seed: int,
+                  same_batches: Callable[[], Iterator[torch.Tensor]] | None = None) -> tuple[SAELensAdapter, dict]:
+    """Train one SAELens SAE on `steps` batches of `batches` (raw activations); (adapter, timing).
+    With normalize_activations=expected_average_only_in, SAELens's own estimate of the scale is taken
+    from `same_batches()` (`batches` again, from the start): its trainer would take its 1,000 batches
+    from `batches` and train on those after them, not on the ones every other trainer sees."""
     from sae_lens import SAE
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -91,8 +95,12 @@ def train_saelens(preset: str, knob: str, level: float, overrides: dict, batches
     trainer_cfg = SAETrainerConfig(total_training_samples=steps * batch_size, train_batch_size_samples=batch_size,
                                    lr=lr, lr_end=lr / 10, lr_warm_up_steps=lr_warmup_steps, device=device,
                                    n_checkpoints=0)
-    started = time.perf_counter()
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches)
+    if sae_cfg.normalize_activations == "expected_average_only_in":
+        if same_batches is None:
+            raise ValueError("normalize_activations=expected_average_only_in needs same_batches for its estimate")
+        trainer.activation_scaler.estimate_scaling_factor(d_in, same_batches(), trainer_cfg.n_batches_for_norm_estimate)
+    started = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):     # its own progress bar, per run
         trained = trainer.fit()
     seconds = time.perf_counter() - started
