@@ -99,7 +99,8 @@ def train_saelens(preset: str, knob: str, level: float, overrides: dict, batches
     if sae_cfg.normalize_activations == "expected_average_only_in":
         if same_batches is None:
             raise ValueError("normalize_activations=expected_average_only_in needs same_batches for its estimate")
-        trainer.activation_scaler.estimate_scaling_factor(d_in, same_batches(), trainer_cfg.n_batches_for_norm_estimate)
+        with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
+            trainer.activation_scaler.estimate_scaling_factor(d_in, same_batches(), trainer_cfg.n_batches_for_norm_estimate)
     started = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):     # its own progress bar, per run
         trained = trainer.fit()

@@ -615,3 +615,54 @@ def test_recipe_report_reads_a_budget_folder_as_the_mean_over_its_seeds(tmp_path
     assert row["seeds"] == 2 and row["fvu"] == pytest.approx(0.3) and row["l0"] == pytest.approx(2.5)
     assert row["fvu_se"] == pytest.approx(0.1)                    # std (n-1) 0.1414 / sqrt(2)
     assert load_arms([tmp_path / "short" / "seed_1"])[0]["fvu"] == 0.4
+
+
+def test_the_committed_report_is_what_the_committed_results_of_the_benchmark_give(tmp_path):
+    """docs/quality/results.json holds every arm of conf/quality.yaml at every level and seed it is
+    trained at, under its current settings (a fresh clone's `make quality` trains nothing), and
+    docs/quality/report.md is the report those results give: an arm, preset or level changed without
+    its results, or results committed without their report, fail here."""
+    from hydra import compose, initialize_config_dir
+    import quality.bench as bench
+    from quality.config import register_configs
+    register_configs()
+    root = Path(__file__).resolve().parent.parent
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base=None):
+        cfg = OmegaConf.to_object(compose(config_name="quality", overrides=[
+            f"out={tmp_path / 'q'}", f"kept={root / 'docs/quality/results.json'}", "report_only=true"]))
+    results = bench.run_quality(cfg)
+    have = {(r["cache"]["name"], r["budget"]["name"], r["seed"], row["arm"], row["level"])
+            for r in results["runs"] for row in r["rows"]}
+    want = {(c["name"], b.name, seed, a.name, level)
+            for c in bench._caches(cfg) for b in cfg.budgets if not b.caches or c["name"] in b.caches
+            for a in cfg.arms for seed in bench.arm_seeds(cfg, c["name"], a) for level in a.levels}
+    assert sorted(want - have) == []
+    assert (tmp_path / "q" / "report.md").read_text() == (root / "docs/quality/report.md").read_text()
+
+
+def test_saelens_at_its_own_normalisation_trains_on_the_batches_every_trainer_sees():
+    """normalize_activations=expected_average_only_in: SAELens's trainer estimates its scale on 1,000
+    batches of its data provider and trains on the batches after them. The benchmark gives it the same
+    batches again for that estimate: training takes exactly `steps` batches, from the first, and the
+    saved SAE, its scale folded in, reconstructs raw activations (norm about 30, sqrt(d) = 4)."""
+    pytest.importorskip("sae_lens")
+    from quality.saelens_arm import train_saelens
+    d, steps, batch = 16, 30, 64
+    directions = torch.nn.functional.normalize(torch.randn(24, d, generator=torch.Generator().manual_seed(0)), dim=1)
+
+    def stream(counter):
+        g = torch.Generator().manual_seed(1)
+        while True:
+            counter[0] += 1
+            codes = (torch.rand(batch, 24, generator=g) < 0.1) * torch.rand(batch, 24, generator=g)
+            yield 30 * codes @ directions
+    used, estimated = [0], [0]
+    sae, _ = train_saelens("jumprelu_step", "l0_coefficient", 0.1, {"normalize_activations": "expected_average_only_in"},
+                           stream(used), d, 32, steps, batch, 1e-2, 1, 1, "cpu", 0, same_batches=lambda: stream(estimated))
+    assert used == [steps] and estimated[0] == 1000
+    x = next(stream([0]))
+    fvu = ((sae(x) - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert torch.isfinite(fvu) and fvu < 0.3          # 0.18; read as if the scale were not folded in: 0.44
+    with pytest.raises(ValueError, match="same_batches"):
+        train_saelens("jumprelu_step", "l0_coefficient", 0.1, {"normalize_activations": "expected_average_only_in"},
+                      stream([0]), d, 32, 2, batch, 1e-2, 1, 1, "cpu", 0)
