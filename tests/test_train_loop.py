@@ -193,6 +193,34 @@ def test_members_set_their_own_dead_window_and_nothing_else_of_train(cache, tmp_
     assert not (tmp_path / "bad").exists()
 
 
+def test_pre_activation_loss_stops_after_its_fraction_of_the_run(cache, tmp_path, monkeypatch, capsys):
+    """sae.pre_act_until_fraction: thresholds start above every pre-activation, so every latent is dead
+    after the first 64-token window; the loss on them acts in the first half of the 12 steps only, and a
+    fraction of 0 trains what no pre-activation loss trains, byte for byte."""
+    from train.sae.jumprelu import JumpReLUSAE
+    args = ("sae.theta_init=3", "train.dead_window_tokens=64", "sae.pre_act_coeff=1e-3", "optim.resample_every_steps=0")
+    real_loss, seen = JumpReLUSAE.training_loss, []
+
+    def spying_loss(self, *a, dead=None, **k):
+        seen.append(dead is not None and bool(dead.any()))
+        return real_loss(self, *a, dead=dead, **k)
+
+    monkeypatch.setattr(JumpReLUSAE, "training_loss", spying_loss)
+    run_training(make_cfg(cache, tmp_path / "half", *args, "sae.pre_act_until_fraction=0.5"), single=True)
+    assert seen == [False, False] + [True] * 4 + [False] * 6     # dead from step 2 (64 tokens), until step 6
+    monkeypatch.setattr(JumpReLUSAE, "training_loss", real_loss)
+    for name, extra in (("never", "sae.pre_act_until_fraction=0"), ("off", "sae.pre_act_coeff=0"),
+                        ("always", "sae.pre_act_until_fraction=1")):
+        run_training(make_cfg(cache, tmp_path / name, *args, extra), single=True)
+    assert weights_bytes(tmp_path / "never") == weights_bytes(tmp_path / "off")
+    assert len({weights_bytes(tmp_path / n) for n in ("half", "off", "always")}) == 3
+    assert "never: its loss on dead latents" not in capsys.readouterr().out
+    run_training(make_cfg(cache, tmp_path / "late", *args[1:], "sae.pre_act_until_fraction=0.1"), single=True)
+    assert "the 64 of this run it acts in: it will never act" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="pre_act_until_fraction=1.5, in \\[0, 1\\]"):
+        run_training(make_cfg(cache, tmp_path / "bad", "sae.pre_act_until_fraction=1.5"), single=True)
+
+
 def test_resampling_on_schedule_and_resumed_bit_for_bit(cache, tmp_path, monkeypatch, capsys):
     """Thresholds start (and restart) above every pre-activation, so every latent is dead after each
     64-token window: resampling every 3 steps re-initialises all 16 at steps 3, 6, 9 and 12

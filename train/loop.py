@@ -142,11 +142,12 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
     members = [Member(s.name, s.folder, s.cfg, source.width, total_steps, device, cfg.kernel_backend, median_norm)
                for s in specs]
     for m in members:
-        if m.sae.uses_dead_mask and m.cfg.train.dead_window_tokens >= total_steps * batch:
+        acting_tokens = m.dead_loss_steps() * batch
+        if m.sae.uses_dead_mask and m.cfg.train.dead_window_tokens >= acting_tokens:
             print(f"[train] {m.name}: its loss on dead latents (pre-activation loss, AuxK) acts on latents dead for "
                   f"train.dead_window_tokens="
-                  f"{m.cfg.train.dead_window_tokens:g} tokens, more than this run's {total_steps * batch:,}: it "
-                  "will never act (set a shorter window)")
+                  f"{m.cfg.train.dead_window_tokens:g} tokens, more than the {acting_tokens:,} of this run it acts in: "
+                  "it will never act (set a shorter window)")
         o = m.cfg.optim
         if o.resample_every_steps > 0 and m.cfg.train.dead_window_tokens >= o.resample_until_fraction * total_steps * batch:
             print(f"[train] {m.name}: it resamples latents dead for train.dead_window_tokens="

@@ -73,7 +73,7 @@ class Member:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         if step == 0:
             self.sae.initialise_from_batch(x, self.cfg.sae)
-        dead = self.stats.dead_mask() if self.sae.uses_dead_mask else None
+        dead = self.stats.dead_mask() if self.sae.uses_dead_mask and self._dead_loss_on(step) else None
         out = self.sae.training_loss(x, lam, self.backend, want_firings=track_latents, dead=dead)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -97,6 +97,16 @@ class Member:
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.n += 1
         self.lr, self.lam = lr, lam
+
+    def dead_loss_steps(self) -> int:
+        """How many of the first steps the loss on dead latents acts in: JumpReLU's pre-activation loss
+        stops after sae.pre_act_until_fraction of the run; TopK's AuxK acts throughout."""
+        if getattr(self.sae, "pre_act_coeff", 0.0) > 0:
+            return math.ceil(self.cfg.sae.pre_act_until_fraction * self.total_steps)
+        return self.total_steps
+
+    def _dead_loss_on(self, step: int) -> bool:
+        return step < self.dead_loss_steps()
 
     def first_nonfinite(self, first_step: int) -> int | None:
         """The step of the first non-finite loss since the last `pop_metrics`, or None."""

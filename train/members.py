@@ -168,6 +168,9 @@ def check_member(name: str, m) -> None:
     if not 0 <= m.sae.theta_init_quantile < 1 or m.optim.grad_clip_norm < 0 or min(m.sae.threshold_lr, m.sae.threshold_travel) < 0:
         raise ValueError(f"member {name!r}: sae.theta_init_quantile in [0, 1), optim.grad_clip_norm >= 0 and "
                          "sae.threshold_lr, sae.threshold_travel >= 0 are required")
+    if not 0 <= m.sae.pre_act_until_fraction <= 1:
+        raise ValueError(f"member {name!r}: sae.pre_act_until_fraction={m.sae.pre_act_until_fraction!r}, in [0, 1] "
+                         "is required")
     o = m.optim
     if o.resample_every_steps < 0 or not 0 <= o.resample_until_fraction <= 1 or not o.resample_encoder_scale > 0:
         raise ValueError(f"member {name!r}: optim.resample_every_steps >= 0, optim.resample_until_fraction in [0, 1] "
