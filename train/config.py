@@ -39,8 +39,8 @@ class SAEConfig:
     tanh_scale_unit: str = "rms"
     ste_to_input: bool = False            # jumprelu: the straight-through gradient also reaches pre (Anthropic)
     pre_act_coeff: float = 0.0            # jumprelu: pre-activation loss on dead latents (Anthropic; 0: off)
-    # ...only in this first fraction of the steps (1: all). Where the lr decays, latents it pulls up in the
-    # last steps fire without time left to learn a use: at large lambda L0 then climbs at the end.
+    # ...only in this first fraction of the steps (1: all). At large lambda, with the lr decaying at the
+    # end, L0 climbs there where the loss has acted; stopped at half the run it does not (README, round 20).
     pre_act_until_fraction: float = 1.0
     frequency_coeff: float = 0.0          # jumprelu: penalty on latents firing above frequency_target (0: off)
     frequency_target: float = 0.1
