@@ -142,7 +142,7 @@ def train_members(cfg, specs: list[MemberSpec], checkpoint_path: Path, extra_met
     members = [Member(s.name, s.folder, s.cfg, source.width, total_steps, device, cfg.kernel_backend, median_norm)
                for s in specs]
     for m in members:
-        acting_tokens = m.dead_loss_steps() * batch
+        acting_tokens = m.dead_loss_steps * batch
         if m.sae.uses_dead_mask and m.cfg.train.dead_window_tokens >= acting_tokens:
             print(f"[train] {m.name}: its loss on dead latents (pre-activation loss, AuxK) acts on latents dead for "
                   f"train.dead_window_tokens="

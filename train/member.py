@@ -59,6 +59,10 @@ class Member:
         self.threshold_lr = threshold_lr_for(cfg.sae.threshold_lr, cfg.sae.threshold_travel, total_steps)
         self.optimizer = make_optimizer(self.sae, cfg.optim, self.threshold_lr)
         self.stats = LatentStats(self.sae.d_sae, cfg.train.dead_window_tokens, cfg.train.dense_fraction, device)
+        # How many of the first steps the loss on dead latents acts in: JumpReLU's pre-activation loss
+        # stops after sae.pre_act_until_fraction of the run; TopK's AuxK acts throughout.
+        self.dead_loss_steps = (math.ceil(cfg.sae.pre_act_until_fraction * total_steps)
+                                if getattr(self.sae, "pre_act_coeff", 0.0) > 0 else total_steps)
         self.log: MetricsLog | None = None
         self.resampled = 0       # latents resampled so far (train/resample.py)
         self._reset_sums()
@@ -73,7 +77,7 @@ class Member:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         if step == 0:
             self.sae.initialise_from_batch(x, self.cfg.sae)
-        dead = self.stats.dead_mask() if self.sae.uses_dead_mask and self._dead_loss_on(step) else None
+        dead = self.stats.dead_mask() if self.sae.uses_dead_mask and step < self.dead_loss_steps else None
         out = self.sae.training_loss(x, lam, self.backend, want_firings=track_latents, dead=dead)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -97,16 +101,6 @@ class Member:
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.n += 1
         self.lr, self.lam = lr, lam
-
-    def dead_loss_steps(self) -> int:
-        """How many of the first steps the loss on dead latents acts in: JumpReLU's pre-activation loss
-        stops after sae.pre_act_until_fraction of the run; TopK's AuxK acts throughout."""
-        if getattr(self.sae, "pre_act_coeff", 0.0) > 0:
-            return math.ceil(self.cfg.sae.pre_act_until_fraction * self.total_steps)
-        return self.total_steps
-
-    def _dead_loss_on(self, step: int) -> bool:
-        return step < self.dead_loss_steps()
 
     def first_nonfinite(self, first_step: int) -> int | None:
         """The step of the first non-finite loss since the last `pop_metrics`, or None."""
